@@ -1,0 +1,142 @@
+"""CLIP-Surgery image encoder (Li et al., 2023, arXiv:2304.05653) over open_clip's VisionTransformer.
+
+G-Refine's PQ-Map and AQ-Map (paper eq. 1) read per-patch CLIP features from a "v-v attention"
+path that runs beside the normal one over the last N residual blocks:
+
+    x_ori: the normal block (attention softmax(q k^T s) v + MLP)
+    x:     adds only the v-v attention output softmax(v v^T s) v, no MLP
+
+Both attentions read ln_1(x_ori) and share in_proj/out_proj. After the last block the CLS token
+of ``x`` is replaced by the CLS token of ``x_ori`` (so the CLS output equals open_clip's own image
+embedding), then ln_post and the projection are applied to every token: (B, 1+HW, D).
+
+Other input sizes interpolate the positional embedding on the fly (bilinear over the patch grid);
+the model's parameters are never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+
+class SurgeryEncoder(nn.Module):
+    """Wraps ``clip.visual`` (a CLS-token open_clip VisionTransformer); owns no parameters of its own."""
+
+    def __init__(self, visual: nn.Module, surgery_blocks: int = 6):
+        super().__init__()
+        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
+            raise ValueError("CLIP-Surgery needs a ViT that pools with its CLS token (pool_type='tok', no attn_pool)")
+        if getattr(visual, "final_ln_after_pool", False):
+            raise ValueError("CLIP-Surgery needs ln_post applied to all tokens (final_ln_after_pool=False)")
+        n_blocks = len(visual.transformer.resblocks)
+        if not 0 <= surgery_blocks <= n_blocks:
+            raise ValueError(f"surgery_blocks={surgery_blocks} outside 0..{n_blocks} for this ViT")
+        self.visual = visual
+        self.surgery_blocks = surgery_blocks
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.visual.grid_size)
+
+    def _pos_embed(self, gh: int, gw: int, dtype: torch.dtype) -> torch.Tensor:
+        pos = self.visual.positional_embedding  # (1+N, W)
+        n = int(round((pos.shape[0] - 1) ** 0.5))
+        if (gh, gw) == (n, n):
+            return pos.to(dtype)
+        cls_pos, patch_pos = pos[:1], pos[1:]
+        patch_pos = patch_pos.reshape(1, n, n, -1).permute(0, 3, 1, 2).float()  # (1, W, n, n)
+        patch_pos = F.interpolate(patch_pos, size=(gh, gw), mode="bilinear", align_corners=False)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(gh * gw, -1)
+        return torch.cat([cls_pos.float(), patch_pos], dim=0).to(dtype)  # new tensor, parameter untouched
+
+    def _embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        v = self.visual
+        x = v.conv1(pixels)  # (B, W, gh, gw)
+        b, w, gh, gw = x.shape
+        x = x.reshape(b, w, gh * gw).permute(0, 2, 1)  # (B, HW, W)
+        cls = v.class_embedding.to(x.dtype).reshape(1, 1, w).expand(b, 1, w)
+        x = torch.cat([cls, x], dim=1) + self._pos_embed(gh, gw, x.dtype)  # (B, 1+HW, W)
+        x = v.patch_dropout(x)
+        return v.ln_pre(x), (gh, gw)
+
+    @staticmethod
+    def _dual_attention(blk: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Original (q-k) and v-v attention outputs of one block for input h = ln_1(x_ori)."""
+        attn = blk.attn  # nn.MultiheadAttention(batch_first=True)
+        b, length, d = h.shape
+        heads = attn.num_heads
+        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # (B, L, 3D)
+        q, k, v = qkv.reshape(b, length, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, hd)
+        ori = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T s) v, s = hd^-0.5
+        vv = F.scaled_dot_product_attention(v, v, v)  # softmax(v v^T s) v
+        ori = ori.transpose(1, 2).reshape(b, length, d)
+        vv = vv.transpose(1, 2).reshape(b, length, d)
+        return attn.out_proj(ori), attn.out_proj(vv)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B, 3, H, W), CLIP-normalised -> tokens (B, 1+HW, D) after ln_post and proj."""
+        v = self.visual
+        x, _ = self._embed(pixels)
+        blocks = list(v.transformer.resblocks)
+        first_surgery = len(blocks) - self.surgery_blocks
+        batch_first = getattr(v.transformer, "batch_first", True)
+        for blk in blocks[:first_surgery]:
+            x = blk(x) if batch_first else blk(x.transpose(0, 1)).transpose(0, 1)
+        x_ori = x
+        for blk in blocks[first_surgery:]:
+            ori_out, vv_out = self._dual_attention(blk, blk.ln_1(x_ori))
+            x = x + vv_out  # surgery path: v-v attention only, no MLP (x == x_ori at the first block)
+            x_ori = x_ori + blk.ls_1(ori_out)
+            x_ori = x_ori + blk.ls_2(blk.mlp(blk.ln_2(x_ori)))
+        x = torch.cat([x_ori[:, :1], x[:, 1:]], dim=1)  # CLS from the original path
+        x = v.ln_post(x)
+        if v.proj is not None:
+            x = x @ v.proj  # (B, 1+HW, D)
+        return x
+
+
+def preprocess_images(
+    images: Sequence[Image.Image],
+    size: int | tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Bicubic resize of each whole RGB image to ``size`` (no centre crop), CLIP mean/std -> (B, 3, H, W)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    arr = np.stack([np.asarray(img.convert("RGB").resize((w, h), Image.BICUBIC), dtype=np.uint8) for img in images])
+    t = torch.from_numpy(arr).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.tensor(mean, device=t.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=t.device).view(1, 3, 1, 1)
+    return ((t - m) / s).to(dtype)
+
+
+def tokens_to_maps(
+    column: torch.Tensor,
+    grid: tuple[int, int],
+    sizes: Sequence[tuple[int, int]],
+    mode: str = "bicubic",
+) -> list[np.ndarray]:
+    """Per-patch values (B, HW) -> min-max normalised maps, each resized to its own (H, W).
+
+    ``sizes`` are (H, W) per image: the map is reshaped to the patch grid (rows = image rows) and
+    interpolated to (H, W), so non-square images keep their orientation.
+    """
+    gh, gw = grid
+    col = column.float().reshape(column.shape[0], 1, gh, gw)
+    lo = col.amin(dim=(2, 3), keepdim=True)
+    hi = col.amax(dim=(2, 3), keepdim=True)
+    col = (col - lo) / (hi - lo).clamp_min(1e-12)
+    out = []
+    for i, (h, w) in enumerate(sizes):
+        kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+        m = F.interpolate(col[i : i + 1], size=(int(h), int(w)), mode=mode, **kwargs)
+        out.append(m[0, 0].clamp_(0.0, 1.0).cpu().numpy().astype(np.float32))
+    return out
