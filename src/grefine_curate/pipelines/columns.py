@@ -1,0 +1,21 @@
+"""Output column names, defined once (the output contract of `grefine-curate run`)."""
+
+STATUS = "grefine_status"  # "ok" | "error"
+ERROR = "grefine_error"  # message or null
+ROUTE = "grefine_route"  # "skip" | "light" | "full" | "reverted" (null in score mode or on error)
+PQ_SCORE = "pq_score"
+AQ_SCORE = "aq_score"
+PQ_SCORE_AFTER = "pq_score_after"
+AQ_SCORE_AFTER = "aq_score_after"
+UNMATCHED = "unmatched_phrases"  # list<string>
+SEED = "grefine_seed"
+PQ_MAP = "pq_map"  # --save-maps: 64x64 8-bit grey PNG bytes, white = good
+AQ_MAP = "aq_map"  # --save-maps: 64x64 8-bit grey PNG bytes, white = needs refinement
+ID = "grefine_id"  # score mode / folder input: the item id
+PROMPT = "grefine_prompt"  # score mode / folder input: the prompt used
+SOURCE = "grefine_source"  # folder input: relative path of the source image
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+ROUTES = ("skip", "light", "full", "reverted")
+MAP_SIZE = 64
