@@ -1,0 +1,496 @@
+"""Command line of grefine-curate (Typer).
+
+Parses options, builds configs, calls pipelines/ and curate/, and maps domain errors to exit codes
+once, here at the edge:
+
+    0  done
+    1  failure (a model could not be loaded, an unexpected error)
+    2  bad usage, config or input (the message names what and how to fix it)
+    3  `run`/`score` finished but the error rate exceeded --max-error-rate
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from grefine_curate import __version__
+
+app = typer.Typer(
+    name="grefine-curate",
+    help="Curate AI-generated images with G-Refine: score perceptual (PQ-Map) and alignment (AQ-Map) "
+    "quality, and refine low-quality images with map-guided diffusion.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="List and download the model weights a preset needs.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_ERROR_RATE = 0, 1, 2, 3
+
+PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="Preset name (sdxl, sd15, tiny) or path to a preset .toml.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML file overriding preset values (same tables as a preset).")]
+ModelsDirOpt = Annotated[Optional[Path], typer.Option("--models-dir", help="Local model cache (from `models pull`), for machines without internet.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a human summary.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"grefine-curate {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """grefine-curate: G-Refine quality maps and refinement for AI-generated image data sets."""
+
+
+def _fail(message: str, code: int) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def _preset(name: str, config: Path | None, extra: dict | None = None):
+    from grefine_curate.curate.config import _merge, load_override_file, load_preset
+
+    overrides = load_override_file(config) if config else {}
+    if extra:
+        overrides = _merge(overrides, extra)
+    return load_preset(name, overrides or None)
+
+
+def _print_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=float))
+
+
+def _load_one(image: Path, preset):
+    from grefine_curate.curate.images import load_image
+
+    return load_image(image, max_pixels=preset.max_pixels)
+
+
+def _scorer(preset, models_dir: Path | None):
+    from grefine_curate.curate.scorer import QualityScorer
+
+    return QualityScorer(preset, models_dir=models_dir)
+
+
+def _warn_tiny(preset) -> None:
+    if preset.clip.model == "tiny":
+        typer.secho("note: the tiny preset uses random weights; its scores carry no quality meaning.", err=True, fg=typer.colors.YELLOW)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Single-image commands
+# --------------------------------------------------------------------------------------------- #
+
+
+@app.command()
+def pq(
+    image: Annotated[Path, typer.Argument(help="Image file to score.")],
+    preset: PresetOpt = "sdxl",
+    config: ConfigOpt = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="PQ prompt file (.safetensors from train-pq) instead of the preset's.")] = None,
+    save_map: Annotated[Optional[Path], typer.Option("--save-map", help="Write the PQ map as an 8-bit grey PNG of the image's size (white = good).")] = None,
+    models_dir: ModelsDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Perceptual quality of one image: score p, the four factor scores, and the PQ map."""
+    from grefine_curate.curate.images import map_to_png
+
+    cfg = _preset(preset, config, {"pq": {"prompts": str(prompts)}} if prompts else None)
+    _warn_tiny(cfg)
+    img = _load_one(image, cfg)
+    result = _scorer(cfg, models_dir).score_pq([img])[0]
+    if save_map:
+        save_map.write_bytes(map_to_png(result.P))
+    if as_json:
+        _print_json({"image": str(image), "p": result.p, "factors": result.factors,
+                     "width": img.width, "height": img.height, "map": str(save_map) if save_map else None})
+        return
+    typer.echo(f"{image}: p = {result.p:.4f}")
+    for name, value in result.factors.items():
+        typer.echo(f"  {name:<12} {value:.4f}")
+    if save_map:
+        typer.echo(f"map written to {save_map}")
+
+
+@app.command()
+def aq(
+    image: Annotated[Path, typer.Argument(help="Image file to score.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="The prompt the image was generated from.")],
+    preset: PresetOpt = "sdxl",
+    config: ConfigOpt = None,
+    save_map: Annotated[Optional[Path], typer.Option("--save-map", help="Write the AQ map as an 8-bit grey PNG of the image's size (white = needs refinement).")] = None,
+    models_dir: ModelsDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Alignment quality of one image with its prompt: score a, per-phrase scores and defects, the AQ map."""
+    from grefine_curate.curate.images import map_to_png
+
+    cfg = _preset(preset, config)
+    _warn_tiny(cfg)
+    img = _load_one(image, cfg)
+    result = _scorer(cfg, models_dir).score([img], [prompt])[0].aq
+    if result is None:
+        _fail("the prompt is empty after cleaning; AQ-Map needs text", EXIT_USAGE)
+    if save_map:
+        save_map.write_bytes(map_to_png(result.A))
+    if as_json:
+        _print_json({"image": str(image), "prompt": prompt, **result.to_json(), "map": str(save_map) if save_map else None})
+        return
+    _print_aq(image, result)
+    if save_map:
+        typer.echo(f"map written to {save_map}")
+
+
+def _print_aq(image, result) -> None:
+    typer.echo(f"{image}: a = {result.a:.4f} (clip score {result.clip_score:.4f})")
+    for i, ph in enumerate(result.phrases):
+        flag = f"  <- {ph.defect}" if ph.defect else ""
+        typer.echo(f"  [{i}] {ph.text!r:<32} noun={ph.noun!r:<14} parent={ph.parent} a_pns={ph.a_pns:.3f} a_phs={ph.a_phs:.3f}{flag}")
+    typer.echo(f"  refinement prompt: {result.emphasised_prompt}")
+
+
+@app.command("score-image")
+def score_image(
+    image: Annotated[Path, typer.Argument(help="Image file to score.")],
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="The prompt (omit for PQ only).")] = None,
+    preset: PresetOpt = "sdxl",
+    config: ConfigOpt = None,
+    models_dir: ModelsDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """PQ-Map and AQ-Map of one image in one CLIP forward, and the route the job would take."""
+    from grefine_curate.curate.routing import choose_route
+
+    cfg = _preset(preset, config)
+    _warn_tiny(cfg)
+    img = _load_one(image, cfg)
+    res = _scorer(cfg, models_dir).score([img], [prompt])[0]
+    route = choose_route(res.pq.p, None if res.aq is None else res.aq.a, cfg.routing)
+    if as_json:
+        _print_json({"image": str(image), "prompt": prompt, "pq": res.pq.to_json(),
+                     "aq": None if res.aq is None else res.aq.to_json(), "route": route})
+        return
+    typer.echo(f"{image}: p = {res.pq.p:.4f}  " + "  ".join(f"{k}={v:.3f}" for k, v in res.pq.factors.items()))
+    if res.aq is not None:
+        _print_aq(image, res.aq)
+    typer.echo(f"route: {route}")
+
+
+@app.command()
+def parse(
+    prompts: Annotated[list[str], typer.Argument(help="One or more prompts to parse.")],
+    spacy_model: Annotated[str, typer.Option("--spacy-model", help="spaCy pipeline name.")] = "en_core_web_sm",
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list with one object per prompt.")] = False,
+) -> None:
+    """Split prompts into phrases (AQ-Map's syntax step): phrases, nouns, parents and the tree."""
+    from grefine_curate.curate.syntax import load_spacy, parse_prompt
+
+    nlp = load_spacy(spacy_model)
+    parsed = [parse_prompt(p, nlp=nlp) for p in prompts]
+    if as_json:
+        _print_json([p.to_json() for p in parsed])
+        return
+    for p in parsed:
+        typer.echo(f"prompt: {p.prompt}")
+        if p.cleaned != p.prompt:
+            typer.echo(f"cleaned: {p.cleaned}")
+        if not p.phrases:
+            typer.echo("  (no phrases)")
+        for i, ph in enumerate(p.phrases):
+            typer.echo(f"  [{i}] {ph.text!r:<32} noun={ph.noun!r:<14} parent={ph.parent}")
+        tree = p.tree()
+        typer.echo(tree.pformat(margin=100) if hasattr(tree, "pformat") else str(tree))
+        typer.echo("")
+
+
+@app.command()
+def refine(
+    image: Annotated[Path, typer.Argument(help="Image file to refine.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="The prompt the image was generated from.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the result (PNG, the original's size).")],
+    preset: PresetOpt = "sdxl",
+    config: ConfigOpt = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed (default: derived from the preset seed and the file name).")] = None,
+    save_mask: Annotated[Optional[Path], typer.Option("--save-mask", help="Write the stage-1 mask as a PNG.")] = None,
+    models_dir: ModelsDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score, route and refine one image (stage 1 inpaint on the low-quality mask, stage 2 light pass, guard)."""
+    import numpy as np
+
+    from grefine_curate.curate.images import encode_png, map_to_png
+    from grefine_curate.curate.refiner import BalancedRefiner, RefineItem, item_seed
+
+    cfg = _preset(preset, config)
+    _warn_tiny(cfg)
+    img = _load_one(image, cfg)
+    scorer = _scorer(cfg, models_dir)
+    res = scorer.score([img], [prompt])[0]
+    refiner = BalancedRefiner(cfg.refiner, cfg.routing, rescore=scorer.rescore, models_dir=models_dir)
+    item = RefineItem(
+        image=img, prompt=res.aq.emphasised_prompt if res.aq else prompt, p=res.pq.p,
+        a=None if res.aq is None else res.aq.a, P=res.pq.P, A=None if res.aq is None else res.aq.A,
+        seed=seed if seed is not None else item_seed(cfg.seed, image.name),
+    )
+    outcome = refiner.refine([item])[0]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(encode_png(outcome.image))
+    if save_mask and outcome.mask is not None:
+        save_mask.write_bytes(map_to_png(np.asarray(outcome.mask, dtype=np.float32)))
+    report = {
+        "image": str(image), "out": str(out), "route": outcome.route, "seed": item.seed,
+        "p": res.pq.p, "a": item.a, "p_after": outcome.p_after, "a_after": outcome.a_after,
+        "mask_area": outcome.mask_area, "unmatched_phrases": res.aq.unmatched if res.aq else [],
+        "refinement_prompt": item.prompt,
+    }
+    if as_json:
+        _print_json(report)
+        return
+    typer.echo(f"{image} -> {out}: route {outcome.route}, mask area {outcome.mask_area:.1%}")
+    typer.echo(f"  p {res.pq.p:.4f} -> {outcome.p_after if outcome.p_after is not None else res.pq.p:.4f}")
+    if item.a is not None:
+        typer.echo(f"  a {item.a:.4f} -> {outcome.a_after if outcome.a_after is not None else item.a:.4f}")
+
+
+# --------------------------------------------------------------------------------------------- #
+# Training, evaluation, reports
+# --------------------------------------------------------------------------------------------- #
+
+
+@app.command("train-pq")
+def train_pq(
+    data: Annotated[str, typer.Argument(help="Parquet file/dir or image folder with MOS columns.")],
+    out: Annotated[Path, typer.Option("--out", help="Output prompt file (.safetensors).")],
+    mos_column: Annotated[str, typer.Option("--mos-column", help="Overall MOS column.")] = "mos",
+    factor_columns: Annotated[Optional[list[str]], typer.Option("--factor-column", help="FACTOR=COLUMN for per-factor MOS (technical, rationality, naturalness); repeatable.")] = None,
+    image_column: Annotated[str, typer.Option("--image-column", help="Image column (bytes or {bytes,path}) for Parquet data.")] = "image",
+    preset: PresetOpt = "sdxl",
+    config: ConfigOpt = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (paper: 50).")] = 50,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 2e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size.")] = 8,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Held-out fraction.")] = 0.2,
+    seed: Annotated[int, typer.Option("--seed", help="Split and init seed.")] = 0,
+    models_dir: ModelsDirOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Train the four PQ prompt contexts (image encoder frozen) on images with human MOS."""
+    from grefine_curate.curate.train_pq import train_pq as run_training
+
+    cfg = _preset(preset, config)
+    factors = {}
+    for item in factor_columns or []:
+        if "=" not in item:
+            _fail(f"--factor-column expects FACTOR=COLUMN, got {item!r}", EXIT_USAGE)
+        k, v = item.split("=", 1)
+        factors[k.strip()] = v.strip()
+    report = run_training(data, out, cfg, epochs=epochs, lr=lr, batch_size=batch_size,
+                          val_fraction=val_fraction, seed=seed, mos_column=mos_column,
+                          factor_columns=factors, image_column=image_column,
+                          models_dir=models_dir, progress=not quiet)
+    typer.echo(report.summary() if hasattr(report, "summary") else str(report))
+
+
+@app.command("eval")
+def eval_cmd(
+    data: Annotated[list[str], typer.Argument(help="Parquet file/dir/glob or image folder with human scores.")],
+    mos_column: Annotated[str, typer.Option("--mos-column", help="Perceptual MOS column (compared with p).")],
+    align_mos_column: Annotated[Optional[str], typer.Option("--align-mos-column", help="Alignment MOS column (compared with a).")] = None,
+    preset: PresetOpt = "sdxl",
+    config: ConfigOpt = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="PQ prompt file instead of the preset's.")] = None,
+    image_column: Annotated[Optional[str], typer.Option("--image-column", help="Image column (default: auto).")] = None,
+    prompt_column: Annotated[Optional[str], typer.Option("--prompt-column", help="Prompt column (default: auto).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward.")] = 16,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% intervals.")] = 1000,
+    models_dir: ModelsDirOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """SRCC/PLCC of PQ-Map's p and AQ-Map's a against human scores (like the paper's Tables 6 and 7)."""
+    from grefine_curate.pipelines.evaluate import evaluate, format_table
+
+    cfg = _preset(preset, config, {"pq": {"prompts": str(prompts)}} if prompts else None)
+    _warn_tiny(cfg)
+    report = evaluate(data, mos_column=mos_column, align_mos_column=align_mos_column, preset=cfg,
+                      models_dir=models_dir, batch_size=batch_size, image_column=image_column,
+                      prompt_column=prompt_column, n_bootstrap=bootstrap, progress=not quiet)
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        typer.echo(format_table(report))
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Argument(help="Output folder of a `run` or `score` job.")],
+    worst: Annotated[int, typer.Option("--worst", help="How many of the worst items to show.")] = 24,
+) -> None:
+    """(Re)write OUT/report.html: counts, score histograms, the worst items with their maps, unmatched phrases."""
+    from grefine_curate.pipelines.report import write_report
+
+    path = write_report(out, n_worst=worst)
+    typer.echo(f"report written to {path}")
+
+
+# --------------------------------------------------------------------------------------------- #
+# The job
+# --------------------------------------------------------------------------------------------- #
+
+
+def _job(
+    inputs, out, mode, preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
+    save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
+    models_dir,
+) -> None:
+    from grefine_curate.pipelines.job import JobConfig, run_job
+
+    job = JobConfig(
+        inputs=list(inputs), out=str(out), mode=mode, preset=preset,
+        config_file=str(config) if config else None, executor=executor, address=address,
+        workers=workers, gpus_per_worker=gpus_per_worker, batch_size=batch_size, limit=limit,
+        save_maps=save_maps, resume=resume, force=force, max_error_rate=max_error_rate, quiet=quiet,
+        keep_images=keep_images, image_column=image_column, prompt_column=prompt_column,
+        id_column=id_column, models_dir=str(models_dir) if models_dir else None,
+    )
+    summary = run_job(job)
+    raise typer.Exit(summary.exit_code)
+
+
+InputsArg = Annotated[list[str], typer.Argument(help="Parquet shards (file, directory searched recursively, or glob) or image folders; local paths or s3:// / gs:// URIs.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+ExecutorOpt = Annotated[str, typer.Option("--executor", help="ray (default; local instance or a cluster) or local (in-process).")]
+AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance).")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="Ray actors (default: one per GPU, else 1 CPU worker).")]
+GpusOpt = Annotated[float, typer.Option("--gpus-per-worker", help="GPUs per Ray actor (fractions share a GPU).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per model batch.")]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Process only the first N items (for trials).")]
+MapsOpt = Annotated[bool, typer.Option("--save-maps", help="Store 64x64 PQ/AQ maps in the output rows.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Skip shards whose output is complete (default) or recompute all.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Resume even though the config changed since the earlier run.")]
+ErrRateOpt = Annotated[float, typer.Option("--max-error-rate", help="Exit 3 when more than this fraction of items failed.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+KeepOpt = Annotated[bool, typer.Option("--keep-images", help="Score mode: also copy the image bytes to the output.")]
+ImgColOpt = Annotated[Optional[str], typer.Option("--image-column", help="Parquet image column (default: auto: image, jpg, png, img).")]
+PromptColOpt = Annotated[Optional[str], typer.Option("--prompt-column", help="Parquet prompt column (default: auto: prompt, text, caption).")]
+IdColOpt = Annotated[Optional[str], typer.Option("--id-column", help="Parquet id column (default: shard name + row index).")]
+
+
+@app.command()
+def run(
+    inputs: InputsArg,
+    out: OutOpt,
+    mode: Annotated[str, typer.Option("--mode", help="refine (score, route, refine) or score (audit only).")] = "refine",
+    preset: PresetOpt = "sdxl",
+    config: ConfigOpt = None,
+    executor: ExecutorOpt = "ray",
+    address: AddressOpt = None,
+    workers: WorkersOpt = None,
+    gpus_per_worker: GpusOpt = 1.0,
+    batch_size: BatchOpt = 8,
+    limit: LimitOpt = None,
+    save_maps: MapsOpt = False,
+    resume: ResumeOpt = True,
+    force: ForceOpt = False,
+    max_error_rate: ErrRateOpt = 1.0,
+    quiet: QuietOpt = False,
+    keep_images: KeepOpt = False,
+    image_column: ImgColOpt = None,
+    prompt_column: PromptColOpt = None,
+    id_column: IdColOpt = None,
+    models_dir: ModelsDirOpt = None,
+) -> None:
+    """Score every image of a data set, route it, refine the low-quality ones, write everything back."""
+    if mode not in ("refine", "score"):
+        _fail(f"--mode must be 'refine' or 'score', got {mode!r}", EXIT_USAGE)
+    _job(inputs, out, mode, preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
+         save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
+         models_dir)
+
+
+@app.command()
+def score(
+    inputs: InputsArg,
+    out: OutOpt,
+    preset: PresetOpt = "sdxl",
+    config: ConfigOpt = None,
+    executor: ExecutorOpt = "ray",
+    address: AddressOpt = None,
+    workers: WorkersOpt = None,
+    gpus_per_worker: GpusOpt = 1.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per model batch.")] = 32,
+    limit: LimitOpt = None,
+    save_maps: MapsOpt = False,
+    resume: ResumeOpt = True,
+    force: ForceOpt = False,
+    max_error_rate: ErrRateOpt = 1.0,
+    quiet: QuietOpt = False,
+    keep_images: KeepOpt = False,
+    image_column: ImgColOpt = None,
+    prompt_column: PromptColOpt = None,
+    id_column: IdColOpt = None,
+    models_dir: ModelsDirOpt = None,
+) -> None:
+    """Score-only audit of a data set (same as `run --mode score`): ids, prompts and PQ/AQ scores."""
+    _job(inputs, out, "score", preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
+         save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
+         models_dir)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Models
+# --------------------------------------------------------------------------------------------- #
+
+
+@models_app.command("list")
+def models_list(models_dir: ModelsDirOpt = None) -> None:
+    """Show every preset's models and whether their weights are present locally."""
+    from grefine_curate.pipelines.models import list_models
+
+    rows = list_models(models_dir=str(models_dir) if models_dir else None)
+    for row in rows:
+        typer.echo("  ".join(str(v) for v in (row.values() if isinstance(row, dict) else row)))
+
+
+@models_app.command("pull")
+def models_pull(
+    preset: Annotated[str, typer.Argument(help="Preset whose weights to download (sdxl, sd15).")],
+    to: Annotated[Path, typer.Option("--to", help="Folder to download into; pass it later as --models-dir.")],
+) -> None:
+    """Download everything a preset needs into a folder (needs internet)."""
+    from grefine_curate.pipelines.models import pull_models
+
+    fetched = pull_models(preset, str(to))
+    for item in fetched:
+        typer.echo(f"fetched {item}")
+    typer.echo(f"done: use --models-dir {to}")
+
+
+def main() -> None:
+    """Console entry point: run the app and map domain errors to exit codes."""
+    from grefine_curate.curate.errors import ConfigError, GRefineError, ImageError, InputError
+
+    try:
+        app()  # standalone: click handles usage errors (exit 2), --help and typer.Exit
+    except (ConfigError, InputError, ImageError) as e:  # bad usage, config or input file
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        sys.exit(EXIT_USAGE)
+    except GRefineError as e:
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        sys.exit(EXIT_FAILURE)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)
+
+if __name__ == "__main__":
+    main()
