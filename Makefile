@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install -e '.[test]'
 	@touch $(STAMP)
 
+# The tiny preset: random-weight models built in code, fully offline; outputs carry no quality meaning.
 demo: $(STAMP)
 	$(VENV)/bin/python -m grefine_curate.pipelines.demo --out demo-out
+	$(VENV)/bin/grefine-curate run demo-out/input --out demo-out/refined --preset tiny --save-maps --no-resume
+	@echo "outputs: demo-out/refined (Parquet shard, report.html, _grefine/manifest.json)"
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -241,6 +241,7 @@ def refine(
         image=img, prompt=res.aq.emphasised_prompt if res.aq else prompt, p=res.pq.p,
         a=None if res.aq is None else res.aq.a, P=res.pq.P, A=None if res.aq is None else res.aq.A,
         seed=seed if seed is not None else item_seed(cfg.seed, image.name),
+        score_prompt=prompt,  # the guard compares against the original prompt, not the emphasised one
     )
     outcome = refiner.refine([item])[0]
     out.parent.mkdir(parents=True, exist_ok=True)

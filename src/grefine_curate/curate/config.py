@@ -81,11 +81,11 @@ class RoutingConfig:
 @dataclass(frozen=True)
 class MaskConfig:
     mode: str = "paper"  # "paper": Bi(1 - P + A) | "reference-union": (P < p_low) or (A > a_high)
-    threshold: float = 0.5  # paper mode: pixel refined when (1 - P + A)/2 > threshold
+    threshold: float = 0.5  # paper mode: pixel refined when clip(1 - P + A, 0, 1) > threshold
     p_low: float = 100 / 255  # reference-union mode
     a_high: float = 170 / 255  # reference-union mode
     dilate: int = 8  # pixels of dilation at the image's own size (catches seams)
-    feather: int = 4  # Gaussian feather radius in pixels (soft edge for the inpainting mask)
+    feather: int = 4  # pixels of smooth fall-off at the mask's outer edge (paste-back weights of stage 1)
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,7 @@ class RefinerConfig:
     img2img_model: str = "stabilityai/stable-diffusion-xl-refiner-1.0"
     random_weights: bool = False  # build the full-size architecture from configs/arch, no download
     variant: str | None = "fp16"  # diffusers weight variant to prefer on CUDA
+    dtype: str = "auto"  # "auto" = float16 on cuda, float32 on cpu; or float32 / float16 / bfloat16
     resolution: int = 1024  # long side at which diffusion runs (multiple of 8)
     steps: int = 20  # n: total denoising iterations actually run
     stage1_fraction: float = 0.5  # n1 = round(n * fraction), n2 = n - n1

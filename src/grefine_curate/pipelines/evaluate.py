@@ -1,0 +1,462 @@
+"""`grefine-curate eval`: correlation of PQ-Map's p and AQ-Map's a with human scores.
+
+Reproduces the protocol of the G-Refine paper's Tables 6 (PQ-Map vs perceptual MOS) and 7 (AQ-Map
+vs alignment MOS), section 4.4: SRCC and PLCC (raw, and after the VQEG 4-parameter logistic) over
+a data set with human mean opinion scores, e.g. Parquet exports of AIGIQA-20K or AGIQA-3K, here
+with percentile-bootstrap 95% intervals (``pipelines/stats.py``).
+
+Inputs are found like the `run` job's (``pipelines/sources.discover``: a Parquet file, directory
+or glob, or an image folder with ``metadata.jsonl``/``metadata.csv``); MOS columns are read beside
+the image and prompt. Scoring needs 224x224 inputs only, so JPEGs are decoded at reduced scale
+(PIL draft mode, ``decode_image(draft_size=...)``): several times faster than a full decode, with
+scores that move by far less than the reported precision (``bench/decode.py``).
+
+Nothing is dropped silently: an unreadable image, a missing MOS, or an item without a prompt (for
+``a``) is listed in the report with its reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import posixpath
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from grefine_curate.curate.config import Preset, load_preset
+from grefine_curate.curate.errors import ImageError, InputError
+from grefine_curate.curate.images import decode_image
+from grefine_curate.curate.results import ScoreResult
+from grefine_curate.pipelines import stats
+from grefine_curate.pipelines.sources import METADATA_FILES, ColumnSpec, Shard, discover
+
+# Paper anchors (SRCC / PLCC), shown under the table for orientation.
+PAPER_TABLES = {
+    "p": ("Table 6, PQ-Map", {"AIGIQA-20K": (0.7073, 0.6910), "AGIQA-3K": (0.7054, 0.7084)}),
+    "a": ("Table 7, AQ-Map", {"AIGIQA-20K": (0.6117, 0.6797), "AGIQA-3K": (0.7303, 0.7862)}),
+}
+SCORE_LABELS = {"p": "PQ-Map p", "a": "AQ-Map a"}
+MAX_LISTED_SKIPS = 200  # the JSON lists this many skipped items; the counts cover all of them
+
+
+class Scorer(Protocol):
+    def score(self, images: list, prompts: list[str | None]) -> list[ScoreResult]: ...
+
+
+@dataclass
+class EvalItem:
+    name: str  # "<shard>#<row>" (Parquet) or the image's path relative to its folder
+    data: bytes | None  # encoded image
+    prompt: str | None
+    mos: float | None
+    align_mos: float | None
+
+
+@dataclass
+class Skipped:
+    item: str
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"item": self.item, "reason": self.reason}
+
+
+@dataclass
+class ScoreEval:
+    """One score (p or a) against one MOS column."""
+
+    score: str  # "p" | "a"
+    against: str  # the MOS column
+    correlation: stats.Correlation
+    values: np.ndarray = field(repr=False)  # (n,) the model's scores, for plots
+    mos: np.ndarray = field(repr=False)  # (n,) the paired human scores
+
+    def to_json(self) -> dict:
+        return {"score": self.score, "against": self.against, **self.correlation.to_json()}
+
+
+@dataclass
+class EvalReport:
+    data: list[str]
+    preset: str
+    clip_model: str
+    mos_column: str
+    align_mos_column: str | None
+    n_items: int  # rows read
+    n_scored: int  # items the model scored
+    skipped: list[Skipped]
+    scores: dict[str, ScoreEval]  # "p" and, with an alignment MOS column, "a"
+    n_bootstrap: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def skip_reasons(self) -> dict[str, int]:
+        return dict(Counter(_reason_kind(s.reason) for s in self.skipped).most_common())
+
+    def to_json(self) -> dict:
+        return {
+            "data": list(self.data),
+            "preset": self.preset,
+            "clip_model": self.clip_model,
+            "mos_column": self.mos_column,
+            "align_mos_column": self.align_mos_column,
+            "n_items": self.n_items,
+            "n_scored": self.n_scored,
+            "n_skipped": len(self.skipped),
+            "skip_reasons": self.skip_reasons(),
+            "skipped": [s.to_json() for s in self.skipped[:MAX_LISTED_SKIPS]],
+            "scores": {k: v.to_json() for k, v in self.scores.items()},
+            "n_bootstrap": self.n_bootstrap,
+            "ci_level": 0.95,
+            "seconds": round(self.seconds, 3),
+            "notes": list(self.notes),
+        }
+
+
+def _reason_kind(reason: str) -> str:
+    """The reason without the item-specific detail, for counting ("missing MOS 'mos'", "cannot decode image")."""
+    return reason.split(" (", 1)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading items with their MOS
+
+
+def _float_or_none(v: Any) -> float | None:
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _check_mos_columns(shard: Shard, names: list[str], schema: pa.Schema, wanted: list[str]) -> None:
+    found = ", ".join(f"{n} ({schema.field(n).type})" for n in names)
+    for col in wanted:
+        if col not in names:
+            raise InputError(
+                f"{shard.path}: no MOS column {col!r}; columns found: {found}. "
+                "Pass --mos-column / --align-mos-column with one of them."
+            )
+        t = schema.field(col).type
+        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)):
+            raise InputError(f"{shard.path}: MOS column {col!r} has type {t}; expected numbers.")
+
+
+def _parquet_items(shard: Shard, mos_col: str, align_col: str | None, batch_rows: int) -> Iterator[EvalItem]:
+    with shard.fs.open_input_file(shard.path) as f:
+        pf = pq.ParquetFile(f)
+        schema = pf.schema_arrow
+        _check_mos_columns(shard, schema.names, schema, [c for c in (mos_col, align_col) if c])
+        cols = [c for c in dict.fromkeys([shard.image_column, shard.prompt_column, shard.id_column, mos_col, align_col]) if c]
+        row = 0
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
+            table = batch.to_pydict()
+            for i in range(batch.num_rows):
+                raw = table[shard.image_column][i]
+                if shard.image_is_struct and raw is not None:
+                    raw = raw.get("bytes") or _read_by_path(shard, raw.get("path"))
+                ident = table[shard.id_column][i] if shard.id_column else None
+                yield EvalItem(
+                    name=str(ident) if ident is not None else f"{shard.rel}#{row}",
+                    data=raw,
+                    prompt=table[shard.prompt_column][i] if shard.prompt_column else None,
+                    mos=_float_or_none(table[mos_col][i]),
+                    align_mos=_float_or_none(table[align_col][i]) if align_col else None,
+                )
+                row += 1
+
+
+def _read_by_path(shard: Shard, path: str | None) -> bytes | None:
+    """A Hugging Face image stored by path only: read it beside the shard (or absolute); None if unreadable."""
+    if not path:
+        return None
+    full = path if path.startswith("/") or "://" in path else posixpath.join(posixpath.dirname(shard.path), path)
+    try:
+        with shard.fs.open_input_stream(full) as f:
+            return f.read()
+    except (OSError, pa.ArrowInvalid):
+        return None  # reported as a null image by the decoder
+
+
+def _folder_metadata(shard: Shard) -> tuple[dict[str, dict], list[str]]:
+    """Metadata rows of an image folder keyed by image path relative to the root, and the fields seen."""
+    rows: dict[str, dict] = {}
+    fields: dict[str, None] = {}
+    from pyarrow import fs as pafs
+
+    infos = shard.fs.get_file_info(pafs.FileSelector(shard.path, recursive=True))
+    for info in sorted(infos, key=lambda i: i.path):
+        base = posixpath.basename(info.path)
+        if info.type != pafs.FileType.File or base not in METADATA_FILES:
+            continue
+        where = posixpath.dirname(posixpath.relpath(info.path, shard.path))
+        with shard.fs.open_input_stream(info.path) as f:
+            text = f.read().decode("utf-8", errors="replace")
+        if base.endswith(".jsonl"):
+            entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            entries = list(csv.DictReader(io.StringIO(text)))
+        for entry in entries:
+            if isinstance(entry, dict) and "file_name" in entry:
+                fields.update(dict.fromkeys(entry))
+                key = posixpath.normpath(posixpath.join(where, str(entry["file_name"]).replace("\\", "/")))
+                rows[key] = entry
+    return rows, list(fields)
+
+
+def _folder_items(shard: Shard, mos_col: str, align_col: str | None) -> Iterator[EvalItem]:
+    meta, fields = _folder_metadata(shard)
+    for col in (c for c in (mos_col, align_col) if c):
+        if col not in fields:
+            raise InputError(
+                f"{shard.path}: no MOS field {col!r} in {' / '.join(METADATA_FILES)}; fields found: "
+                f"{', '.join(fields) or 'none (no metadata file)'}. An image folder carries its MOS in "
+                "metadata.jsonl or metadata.csv next to 'file_name'."
+            )
+    for it in shard.items:
+        entry = meta.get(it.rel, {})
+        try:
+            with shard.fs.open_input_stream(posixpath.join(shard.path, it.rel)) as f:
+                data = f.read()
+        except OSError:
+            data = None  # reported as an unreadable image by the decoder
+        yield EvalItem(name=it.rel, data=data, prompt=it.prompt, mos=_float_or_none(entry.get(mos_col)),
+                       align_mos=_float_or_none(entry.get(align_col)) if align_col else None)
+
+
+def iter_eval_items(
+    data: str | Sequence[str],
+    mos_column: str,
+    align_mos_column: str | None = None,
+    image_column: str | None = None,
+    prompt_column: str | None = None,
+    batch_rows: int = 256,
+) -> tuple[list[Shard], Iterator[EvalItem]]:
+    """Find the shards (checked up front, like `run`) and stream their items with MOS values."""
+    inputs = [data] if isinstance(data, str) else list(data)
+    shards = discover(inputs, ColumnSpec(image=image_column, prompt=prompt_column))
+    if align_mos_column:
+        no_prompt = [s.path for s in shards if s.kind == "parquet" and s.prompt_column is None]
+        if no_prompt:
+            raise InputError(
+                f"{no_prompt[0]}: --align-mos-column needs prompts, but no prompt column was found; "
+                "pass --prompt-column NAME"
+            )
+    for s in shards:  # fail on a missing MOS column before any image is decoded
+        if s.kind == "parquet":
+            with s.fs.open_input_file(s.path) as f:
+                schema = pq.ParquetFile(f).schema_arrow
+            _check_mos_columns(s, schema.names, schema, [c for c in (mos_column, align_mos_column) if c])
+
+    def items() -> Iterator[EvalItem]:
+        for s in shards:
+            if s.kind == "parquet":
+                yield from _parquet_items(s, mos_column, align_mos_column, batch_rows)
+            else:
+                yield from _folder_items(s, mos_column, align_mos_column)
+
+    return shards, items()
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+def _score_batch(scorer: Scorer, batch: list[tuple[EvalItem, Any]], skipped: list[Skipped]) -> list[tuple[EvalItem, ScoreResult]]:
+    """Score decoded items; a failing batch is retried item by item so one bad item costs only itself."""
+    images = [img for _, img in batch]
+    prompts = [it.prompt if it.prompt and it.prompt.strip() else None for it, _ in batch]
+    try:
+        return list(zip([it for it, _ in batch], scorer.score(images, prompts)))
+    except (ValueError, RuntimeError) as batch_error:
+        if len(batch) == 1:
+            skipped.append(Skipped(batch[0][0].name, f"scoring failed ({type(batch_error).__name__}: {batch_error})"))
+            return []
+    out = []
+    for pair in batch:
+        out.extend(_score_batch(scorer, [pair], skipped))
+    return out
+
+
+def evaluate(
+    data: str | Sequence[str],
+    mos_column: str,
+    align_mos_column: str | None = None,
+    preset: Preset | str = "sdxl",
+    prompts_file: str | None = None,
+    models_dir: str | None = None,
+    batch_size: int = 16,
+    image_column: str | None = None,
+    prompt_column: str | None = None,
+    n_bootstrap: int = 1000,
+    progress: bool = True,
+    scorer: Scorer | None = None,
+    seed: int = 0,
+) -> EvalReport:
+    """Score every item of ``data`` and correlate p with ``mos_column`` (and a with ``align_mos_column``).
+
+    ``prompts_file`` replaces the preset's PQ prompts (a trained ``.safetensors`` from train-pq).
+    ``scorer`` is any object with ``score(images, prompts) -> list[ScoreResult]``; by default the
+    preset's ``QualityScorer``. Raises InputError for a missing column (naming the columns found) or
+    when fewer than 3 items could be scored.
+    """
+    # 1. Check inputs
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(preset, str):
+        preset = load_preset(preset)
+    if prompts_file:
+        preset = dataclasses.replace(preset, pq=dataclasses.replace(preset.pq, prompts=str(prompts_file)))
+    shards, items = iter_eval_items(data, mos_column, align_mos_column, image_column, prompt_column)
+    t0 = time.perf_counter()
+
+    # 2. Build the scorer (after the input checks: a bad column fails before models load)
+    if scorer is None:
+        from grefine_curate.curate.scorer import QualityScorer
+
+        scorer = QualityScorer(preset, models_dir=models_dir)
+    draft = (preset.clip.image_size, preset.clip.image_size)  # scoring needs no more pixels than this
+
+    # 3. Decode (reduced-size JPEG decode) and score in batches
+    skipped: list[Skipped] = []
+    scored: list[tuple[EvalItem, ScoreResult]] = []
+    n_items = 0
+    total = sum(s.num_rows for s in shards)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="img", desc="eval", leave=False)
+    pending: list[tuple[EvalItem, Any]] = []
+    for it in items:
+        n_items += 1
+        if bar is not None:
+            bar.update(1)
+        if it.mos is None:
+            skipped.append(Skipped(it.name, f"missing MOS {mos_column!r} (null or not a number)"))
+            continue
+        try:
+            img = decode_image(it.data, name=it.name, max_pixels=preset.max_pixels, draft_size=draft)
+        except ImageError as e:
+            detail = str(e).removeprefix(f"{it.name}: ")  # the item is named once, in the listing
+            skipped.append(Skipped(it.name, f"cannot decode image ({detail})"))
+            continue
+        pending.append((it, img))
+        if len(pending) >= batch_size:
+            scored.extend(_score_batch(scorer, pending, skipped))
+            pending = []
+    if pending:
+        scored.extend(_score_batch(scorer, pending, skipped))
+    if bar is not None:
+        bar.close()
+
+    # 4. Correlate
+    notes: list[str] = []
+    if preset.clip.model == "tiny":
+        notes.append("tiny preset: random-weight models, the correlations carry no meaning")
+    if len(scored) < stats.MIN_ITEMS:
+        reasons = Counter(_reason_kind(s.reason) for s in skipped).most_common(3)
+        raise InputError(
+            f"only {len(scored)} of {n_items} items could be scored; at least {stats.MIN_ITEMS} are needed. "
+            f"Most frequent reasons: {'; '.join(f'{r} x{c}' for r, c in reasons) or 'no items in the input'}"
+        )
+    results: dict[str, ScoreEval] = {}
+    p = np.array([r.p for _, r in scored], dtype=np.float64)
+    m = np.array([it.mos for it, _ in scored], dtype=np.float64)
+    results["p"] = ScoreEval("p", mos_column, stats.correlate(p, m, n_boot=n_bootstrap, seed=seed), p, m)
+    if align_mos_column:
+        pairs = [(r.a, it.align_mos) for it, r in scored if r.a is not None and it.align_mos is not None]
+        n_no_prompt = sum(1 for _, r in scored if r.a is None)
+        n_no_mos = sum(1 for it, r in scored if r.a is not None and it.align_mos is None)
+        if n_no_prompt:
+            notes.append(f"a: {n_no_prompt} scored items have no prompt (no AQ score) and are left out")
+        if n_no_mos:
+            notes.append(f"a: {n_no_mos} scored items have no {align_mos_column!r} value and are left out")
+        if len(pairs) < stats.MIN_ITEMS:
+            raise InputError(
+                f"only {len(pairs)} items have both a prompt and an {align_mos_column!r} value; "
+                f"at least {stats.MIN_ITEMS} are needed for the AQ-Map correlation (check --prompt-column)"
+            )
+        a, am = (np.array(v, dtype=np.float64) for v in zip(*pairs))
+        results["a"] = ScoreEval("a", align_mos_column, stats.correlate(a, am, n_boot=n_bootstrap, seed=seed), a, am)
+
+    return EvalReport(
+        data=[data] if isinstance(data, str) else list(data),
+        preset=preset.name,
+        clip_model=_clip_name(scorer, preset),
+        mos_column=mos_column,
+        align_mos_column=align_mos_column,
+        n_items=n_items,
+        n_scored=len(scored),
+        skipped=skipped,
+        scores=results,
+        n_bootstrap=n_bootstrap,
+        seconds=time.perf_counter() - t0,
+        notes=notes,
+    )
+
+
+def _clip_name(scorer: Any, preset: Preset) -> str:
+    clip = getattr(scorer, "clip", None)
+    name = getattr(clip, "name", None)
+    if name:
+        return str(name)
+    return f"{preset.clip.model}/{preset.clip.checkpoint or preset.clip.pretrained or 'random'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Presentation
+
+
+def _fmt(v: float) -> str:
+    return "   n/a" if v is None or not math.isfinite(v) else f"{v:.4f}"
+
+
+def _fmt_ci(ci: tuple[float, float]) -> str:
+    return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+def format_table(report: EvalReport) -> str:
+    """The result as a text table in the layout of the paper's Tables 6 and 7, with 95% intervals."""
+    lines = [
+        f"data: {', '.join(report.data)}",
+        f"preset: {report.preset}   CLIP: {report.clip_model}   items: {report.n_items} read, "
+        f"{report.n_scored} scored, {len(report.skipped)} skipped",
+        "",
+    ]
+    head = f"{'Method':<12} {'vs':<16} {'n':>6}   {'SRCC':>6} {'[95% CI]':<18}  {'PLCC':>6} {'[95% CI]':<18}  {'PLCC*':>6} {'[95% CI]':<18}"
+    lines += [head, "-" * len(head)]
+    for key, ev in report.scores.items():
+        c = ev.correlation
+        lines.append(
+            f"{SCORE_LABELS[key]:<12} {ev.against[:16]:<16} {c.n:>6}   {_fmt(c.srcc):>6} {_fmt_ci(c.srcc_ci95):<18}  "
+            f"{_fmt(c.plcc):>6} {_fmt_ci(c.plcc_ci95):<18}  {_fmt(c.plcc_fitted):>6} {_fmt_ci(c.plcc_fitted_ci95):<18}"
+        )
+    lines += ["", f"PLCC* = PLCC after the 4-parameter logistic fit (VQEG), signed by the fitted curve's direction; "
+                  f"intervals: percentile bootstrap, {report.n_bootstrap} resamples."]
+    for key in report.scores:
+        title, rows = PAPER_TABLES[key]
+        lines.append(f"paper {title} (SRCC/PLCC): " + "; ".join(f"{db} {s:.4f}/{p:.4f}" for db, (s, p) in rows.items()))
+    if report.skipped:
+        lines += ["", f"skipped {len(report.skipped)} item(s): "
+                  + "; ".join(f"{r} x{n}" for r, n in report.skip_reasons().items())]
+        for s in report.skipped[:10]:
+            lines.append(f"  {s.item}: {s.reason}")
+        if len(report.skipped) > 10:
+            lines.append(f"  ... {len(report.skipped) - 10} more (see --json)")
+    for note in report.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)

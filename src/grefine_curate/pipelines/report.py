@@ -1,0 +1,559 @@
+"""`grefine-curate report OUT`: one self-contained HTML page about a curation job's output.
+
+Written at the end of every `run`/`score` (and on demand) as ``OUT/report.html``. Everything is
+inline, so the file can be mailed or opened offline: CSS in a <style> block, histograms as inline
+SVG, images as base64 JPEG thumbnails; no script, font or image is fetched from anywhere.
+
+Sections (each an element with a fixed id, which the browser test checks):
+
+    #summary     what ran: OUT, mode, preset, state, rows, throughput
+    #counts      rows per status and per route (skip / light / full / reverted), frequent errors
+    #histograms  p (PQ-Map, paper eq. 3) and a (AQ-Map, eq. 8) before and after refinement, with the
+                 routing thresholds of the run's resolved config drawn in
+    #worst       the N worst items (lowest p, then lowest a): original, PQ-map overlay (red = low
+                 perceptual quality, 1 - P), AQ-map overlay (red = needs refinement, A), refined image
+    #phrases     the most frequent unmatched phrases (AQ-Map defects)
+    #config      model ids, package versions and the resolved config, from OUT/_grefine/manifest.json
+
+Reading is two passes over the output shards: the scalar columns of every row first (cheap), then
+maps and images only for the rows shown, row group by row group.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import posixpath
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image
+
+from grefine_curate.curate.errors import ImageError, InputError
+from grefine_curate.curate.images import decode_image
+from grefine_curate.pipelines import columns as C
+from grefine_curate.pipelines.sinks import read_json, write_atomic
+from grefine_curate.pipelines.sources import (
+    IMAGE_COLUMN_CANDIDATES,
+    PROMPT_COLUMN_CANDIDATES,
+    STATE_DIR,
+    TMP_MARK,
+    join,
+    resolve_fs,
+    safe_relpath,
+)
+
+REPORT_NAME = "report.html"
+THUMB = 176  # long side of the thumbnails, pixels
+HIST_BINS = 20
+N_PHRASES = 30
+N_ERRORS = 8
+OVERLAY_RGB = np.array([228.0, 26.0, 28.0], dtype=np.float32)  # red
+OVERLAY_ALPHA = 0.7  # opacity where the map is 1
+SCALARS = (C.STATUS, C.ERROR, C.ROUTE, C.PQ_SCORE, C.AQ_SCORE, C.PQ_SCORE_AFTER, C.AQ_SCORE_AFTER, C.UNMATCHED,
+           C.ID, C.SOURCE, C.PROMPT)
+
+
+@dataclass
+class Row:
+    shard: str  # output shard, relative to OUT
+    index: int  # row index within the shard (= within its input shard: outputs keep input order)
+    status: str
+    error: str | None
+    route: str | None
+    p: float | None
+    a: float | None
+    p_after: float | None
+    a_after: float | None
+    unmatched: list[str]
+    item_id: str
+    source: str | None  # folder input: image path relative to the input folder
+    prompt: str | None
+
+
+@dataclass
+class ShardInfo:
+    rel: str  # relative to OUT
+    path: str  # absolute (fs) path of the output
+    input: str | None  # input shard path from the manifest (Parquet file or folder root)
+    names: list[str] = field(default_factory=list)  # output columns
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _floats(col: list) -> list[float | None]:
+    return [None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v) for v in col]
+
+
+def _list_output_shards(fs: pafs.FileSystem, root: str, manifest: dict[str, Any]) -> list[ShardInfo]:
+    inputs = manifest.get("inputs") or []
+    shards = []
+    if inputs:
+        for entry in inputs:
+            rel = entry.get("shard")
+            if not rel:
+                continue
+            path = join(root, rel)
+            if fs.get_file_info(path).type == pafs.FileType.File:
+                shards.append(ShardInfo(rel=rel, path=path, input=entry.get("input")))
+        return shards
+    # A manifest without the inputs table (older or hand-written): every Parquet file under OUT.
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    for info in sorted(infos, key=lambda i: i.path):
+        rel = posixpath.relpath(info.path, root)
+        if (info.type == pafs.FileType.File and rel.endswith(".parquet") and TMP_MARK not in rel
+                and not any(p.startswith((".", "_")) for p in rel.split("/"))):
+            shards.append(ShardInfo(rel=rel, path=info.path, input=None))
+    return shards
+
+
+def _read_rows(fs: pafs.FileSystem, shard: ShardInfo) -> list[Row]:
+    with fs.open_input_file(shard.path) as f:
+        pf = pq.ParquetFile(f)
+        shard.names = list(pf.schema_arrow.names)
+        if C.STATUS not in shard.names:
+            return []  # not an output of the job (no status column)
+        prompt_col = C.PROMPT if C.PROMPT in shard.names else next(
+            (c for c in PROMPT_COLUMN_CANDIDATES if c in shard.names), None)
+        wanted = [c for c in SCALARS if c in shard.names] + ([prompt_col] if prompt_col and prompt_col != C.PROMPT else [])
+        table = pf.read(columns=wanted).to_pydict()
+    n = len(table[C.STATUS])
+    get = lambda name: table.get(name, [None] * n)  # noqa: E731
+    ps, as_, pa_, aa = (_floats(get(c)) for c in (C.PQ_SCORE, C.AQ_SCORE, C.PQ_SCORE_AFTER, C.AQ_SCORE_AFTER))
+    ids, prompts = get(C.ID), get(prompt_col) if prompt_col else [None] * n
+    return [
+        Row(shard=shard.rel, index=i, status=get(C.STATUS)[i] or C.STATUS_ERROR, error=get(C.ERROR)[i],
+            route=get(C.ROUTE)[i], p=ps[i], a=as_[i], p_after=pa_[i], a_after=aa[i],
+            unmatched=list(get(C.UNMATCHED)[i] or []), item_id=str(ids[i]) if ids[i] is not None else f"{shard.rel}#{i}",
+            source=get(C.SOURCE)[i], prompt=prompts[i])
+        for i in range(n)
+    ]
+
+
+def _take(fs: pafs.FileSystem, path: str, column: str, rows: list[int]) -> dict[int, Any]:
+    """Values of one column at the given row indices, reading only the row groups that hold them."""
+    out: dict[int, Any] = {}
+    if not rows:
+        return out
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        if column not in pf.schema_arrow.names:
+            return out
+        wanted = sorted(set(rows))
+        start = 0
+        for g in range(pf.metadata.num_row_groups):
+            size = pf.metadata.row_group(g).num_rows
+            inside = [r for r in wanted if start <= r < start + size]
+            if inside:
+                col = pf.read_row_group(g, columns=[column]).column(0)
+                for r in inside:
+                    out[r] = col[r - start].as_py()
+            start += size
+    return out
+
+
+def _image_bytes(value: Any) -> bytes | None:
+    if isinstance(value, dict):  # Hugging Face {bytes, path}
+        value = value.get("bytes")
+    return value if isinstance(value, (bytes, bytearray)) else None
+
+
+def _input_image_column(fs: pafs.FileSystem, path: str, manifest: dict[str, Any]) -> str | None:
+    explicit = ((manifest.get("result_config") or {}).get("columns") or {}).get("image")
+    with fs.open_input_file(path) as f:
+        names = pq.ParquetFile(f).schema_arrow.names
+    if explicit:
+        return explicit if explicit in names else None
+    return next((c for c in IMAGE_COLUMN_CANDIDATES if c in names), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures
+
+
+def _decode(data: bytes | None) -> Image.Image | None:
+    if not data:
+        return None
+    try:
+        img = decode_image(data, name="report", draft_size=(THUMB, THUMB))
+    except ImageError:
+        return None
+    img.thumbnail((THUMB, THUMB), Image.BICUBIC)
+    return img
+
+
+def _data_uri(img: Image.Image, fmt: str = "JPEG") -> str:
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        img.convert("RGB").save(buf, "JPEG", quality=82)
+    else:
+        img.save(buf, fmt)
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+
+
+def _overlay(base: Image.Image | None, map_png: bytes, invert: bool) -> Image.Image | None:
+    """The map as red over the image (grey when the original is not available); invert: show 1 - map."""
+    try:
+        m = Image.open(io.BytesIO(map_png)).convert("L")
+    except Exception:  # noqa: BLE001 - a broken map cell shows as missing, not a failed report
+        return None
+    size = base.size if base is not None else (THUMB, THUMB)
+    heat = np.asarray(m.resize(size, Image.BILINEAR), dtype=np.float32) / 255.0  # (H, W)
+    if invert:
+        heat = 1.0 - heat
+    rgb = np.asarray(base.convert("RGB"), dtype=np.float32) if base is not None else np.full((*size[::-1], 3), 128.0, np.float32)
+    alpha = OVERLAY_ALPHA * heat[..., None]
+    out = rgb * (1.0 - alpha) + OVERLAY_RGB * alpha
+    return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML pieces
+
+
+def _e(v: Any) -> str:
+    return html.escape("" if v is None else str(v), quote=True)
+
+
+def _f(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _histogram_svg(title: str, before: list[float], after: list[float] | None,
+                   thresholds: list[tuple[str, float]], svg_id: str) -> str:
+    """Inline SVG: bars for before, a step line for after, dashed vertical threshold lines."""
+    w, h, ml, mr, mt, mb = 460, 200, 40, 12, 26, 34
+    pw, ph = w - ml - mr, h - mt - mb
+    edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
+    hb = np.histogram(np.clip(before, 0, 1), bins=edges)[0] if before else np.zeros(HIST_BINS, int)
+    ha = np.histogram(np.clip(after, 0, 1), bins=edges)[0] if after else None
+    top = max(1, int(hb.max()), int(ha.max()) if ha is not None else 0)
+    x = lambda v: ml + pw * float(v)  # noqa: E731
+    y = lambda c: mt + ph * (1.0 - c / top)  # noqa: E731
+    bw = pw / HIST_BINS
+    parts = [f'<svg id="{_e(svg_id)}" class="hist" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+             f'role="img" aria-label="{_e(title)}">',
+             f'<text x="{ml}" y="16" class="t">{_e(title)}</text>',
+             f'<line x1="{ml}" y1="{mt + ph}" x2="{ml + pw}" y2="{mt + ph}" class="ax"/>',
+             f'<line x1="{ml}" y1="{mt}" x2="{ml}" y2="{mt + ph}" class="ax"/>',
+             f'<text x="{ml - 4}" y="{mt + 4}" class="yl">{top}</text>',
+             f'<text x="{ml - 4}" y="{mt + ph}" class="yl">0</text>']
+    for i, c in enumerate(hb):
+        if c:
+            parts.append(f'<rect class="before" x="{ml + i * bw + 1:.1f}" y="{y(c):.1f}" width="{bw - 2:.1f}" '
+                         f'height="{mt + ph - y(c):.1f}" data-count="{int(c)}"><title>{edges[i]:.2f}-{edges[i + 1]:.2f}: {int(c)}</title></rect>')
+    if ha is not None:
+        pts = []
+        for i, c in enumerate(ha):
+            pts += [f"{ml + i * bw:.1f},{y(c):.1f}", f"{ml + (i + 1) * bw:.1f},{y(c):.1f}"]
+        parts.append(f'<polyline class="after" points="{" ".join(pts)}"/>')
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+        parts.append(f'<text x="{x(t):.1f}" y="{mt + ph + 14}" class="xl">{t:g}</text>')
+    for k, (name, v) in enumerate(thresholds):
+        parts.append(f'<line class="thr" x1="{x(v):.1f}" y1="{mt}" x2="{x(v):.1f}" y2="{mt + ph}" data-threshold="{_e(name)}"/>'
+                     f'<text class="thl" x="{x(v) + 3:.1f}" y="{mt + 10 + 11 * k}">{_e(name)} {v:g}</text>')
+    legend_y = h - 4
+    parts.append(f'<rect x="{ml}" y="{legend_y - 9}" width="10" height="10" class="before"/>'
+                 f'<text x="{ml + 14}" y="{legend_y}" class="lg">before (n={len(before)})</text>')
+    if ha is not None:
+        parts.append(f'<line x1="{ml + 150}" y1="{legend_y - 4}" x2="{ml + 164}" y2="{legend_y - 4}" class="after"/>'
+                     f'<text x="{ml + 168}" y="{legend_y}" class="lg">after (n={len(after)})</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _img_cell(img: Image.Image | None, role: str, missing: str) -> str:
+    if img is None:
+        return f'<td class="cell missing" data-role="{role}"><div class="ph">{_e(missing)}</div></td>'
+    return (f'<td class="cell" data-role="{role}"><img class="thumb" alt="{role}" src="{_data_uri(img)}" '
+            f'width="{img.width}" height="{img.height}"></td>')
+
+
+STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d232b;background:#f6f7f9}
+header{background:#1d2b3a;color:#fff;padding:14px 24px}header h1{margin:0;font-size:20px}
+header p{margin:4px 0 0;opacity:.8}main{padding:8px 24px 40px;max-width:1200px}
+section{background:#fff;border:1px solid #dfe3e8;border-radius:8px;padding:12px 18px;margin:14px 0}
+h2{font-size:16px;margin:4px 0 10px}table{border-collapse:collapse}
+td,th{padding:3px 10px;border-bottom:1px solid #edf0f3;text-align:left;vertical-align:top}
+th{font-weight:600;color:#4a5663}.num{text-align:right;font-variant-numeric:tabular-nums}
+.kv td:first-child{color:#4a5663}.hists{display:flex;flex-wrap:wrap;gap:16px}
+svg.hist .t{font-size:13px;font-weight:600}svg.hist .xl{font-size:10px;text-anchor:middle;fill:#4a5663}
+svg.hist .yl{font-size:10px;text-anchor:end;fill:#4a5663}svg.hist .lg{font-size:11px;fill:#4a5663}
+svg.hist .ax{stroke:#9aa5b1}svg.hist rect.before{fill:#6f9fd8}
+svg.hist .after{fill:none;stroke:#e8710a;stroke-width:2}svg.hist .thr{stroke:#b3261e;stroke-dasharray:4 3}
+svg.hist .thl{font-size:10px;fill:#b3261e}
+table.worst td.cell{padding:4px}table.worst img.thumb{display:block;border-radius:4px}
+table.worst .ph{width:160px;height:96px;display:flex;align-items:center;justify-content:center;text-align:center;
+background:#f0f2f5;color:#6b7785;font-size:12px;border-radius:4px;padding:4px}
+table.worst td.meta{font-size:12px;max-width:260px;word-break:break-word}
+.badge{display:inline-block;padding:0 6px;border-radius:9px;background:#e6ecf3;font-size:11px}
+.bar{display:inline-block;height:10px;background:#6f9fd8;border-radius:2px;vertical-align:middle}
+.note{color:#6b7785;font-size:12px}pre{background:#f6f7f9;padding:8px;overflow:auto;max-height:480px;font-size:12px}
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def write_report(out_dir: str | Path, n_worst: int = 24) -> Path:
+    """Write ``OUT/report.html`` for the job output in ``out_dir`` and return its path.
+
+    Raises InputError when ``out_dir`` holds no job manifest (``_grefine/manifest.json``).
+    """
+    # 1. Check inputs
+    if n_worst < 0:
+        raise ValueError(f"n_worst must be >= 0, got {n_worst}")
+    fs, root = resolve_fs(str(out_dir))
+    manifest = read_json(fs, join(root, f"{STATE_DIR}/manifest.json"))
+    if manifest is None:
+        raise InputError(
+            f"{out_dir}: no {STATE_DIR}/manifest.json; this is not the output folder of a `run` or `score` job "
+            "(pass the --out folder of such a job)"
+        )
+    # 2. Read the scalar columns of every output row
+    shards = _list_output_shards(fs, root, manifest)
+    rows: list[Row] = []
+    for shard in shards:
+        rows.extend(_read_rows(fs, shard))
+    # 3. Build the page
+    cfg = (manifest.get("result_config") or {}).get("preset") or {}
+    mode = (manifest.get("result_config") or {}).get("mode") or manifest.get("mode") or "refine"
+    body = [
+        _summary(manifest, root, rows, shards, mode),
+        _counts(rows, mode),
+        _histograms(rows, cfg.get("routing") or {}, mode),
+        _worst(fs, root, rows, shards, manifest, mode, n_worst),
+        _phrases(rows),
+        _config(manifest),
+    ]
+    title = f"grefine-curate report: {posixpath.basename(root.rstrip('/')) or root}"
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{STYLE}</style></head><body>'
+            f'<header><h1>{_e(title)}</h1><p>G-Refine curation: PQ-Map (perceptual quality p), AQ-Map (alignment a), '
+            f'routing and refinement</p></header><main>{"".join(body)}</main></body></html>')
+    # 4. Write it atomically
+    path = join(root, REPORT_NAME)
+    write_atomic(fs, path, page.encode("utf-8"))
+    return Path(path)
+
+
+def _summary(manifest: dict, root: str, rows: list[Row], shards: list[ShardInfo], mode: str) -> str:
+    run = manifest.get("run") or {}
+    items = [
+        ("output", root),
+        ("mode", mode),
+        ("preset", manifest.get("preset")),
+        ("state", f"{manifest.get('state', '-')} (exit code {manifest.get('exit_code', '-')})"),
+        ("rows", f"{len(rows)} in {len(shards)} output shard(s)"),
+        ("throughput", f"{run.get('items_per_s', '-')} img/s over {run.get('wall_s', '-')} s "
+                       f"({run.get('executor', '-')}, {run.get('workers', '-')} worker(s))" if run else "-"),
+        ("config hash", manifest.get("config_hash")),
+        ("updated", manifest.get("updated_at")),
+    ]
+    trs = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v if v not in (None, '') else '-')}</td></tr>" for k, v in items)
+    return f'<section id="summary"><h2>Summary</h2><table class="kv">{trs}</table></section>'
+
+
+def _counts(rows: list[Row], mode: str) -> str:
+    status = Counter(r.status for r in rows)
+    routes = Counter(r.route for r in rows if r.status == C.STATUS_OK and r.route)
+    n = max(1, len(rows))
+    st = "".join(
+        f'<tr><td>{_e(k)}</td><td class="num" data-count="status:{_e(k)}">{status.get(k, 0)}</td>'
+        f'<td class="num">{status.get(k, 0) / n:.1%}</td></tr>'
+        for k in (C.STATUS_OK, C.STATUS_ERROR))
+    parts = [f'<section id="counts"><h2>Counts</h2><div class="hists"><table id="status-counts">'
+             f'<tr><th>status</th><th>rows</th><th></th></tr>{st}</table>']
+    if mode == "refine":
+        meaning = {"skip": "kept as is", "light": "stage 2 only", "full": "stage 1 + stage 2",
+                   "reverted": "refined, then the guard kept the original"}
+        rt = "".join(
+            f'<tr><td>{_e(k)}</td><td class="num" data-count="route:{_e(k)}">{routes.get(k, 0)}</td>'
+            f'<td class="note">{meaning[k]}</td></tr>' for k in C.ROUTES)
+        parts.append(f'<table id="route-counts"><tr><th>route</th><th>rows</th><th></th></tr>{rt}</table>')
+    else:
+        parts.append('<p class="note" id="route-counts">score mode: no routing or refinement.</p>')
+    parts.append("</div>")
+    errors = Counter(_error_kind(r.error) for r in rows if r.status != C.STATUS_OK)
+    if errors:
+        trs = "".join(f'<tr><td class="num">{c}</td><td>{_e(msg)}</td></tr>' for msg, c in errors.most_common(N_ERRORS))
+        parts.append(f'<h2>Most frequent errors</h2><table id="errors">{trs}</table>')
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _error_kind(message: str | None) -> str:
+    """An error message without its item-specific prefix ("x.parquet#3: cannot decode ..." -> "cannot decode ...")."""
+    if not message:
+        return "unknown error"
+    head, sep, tail = message.partition(": ")
+    text = tail if sep and (" " not in head or "#" in head or "/" in head) else message
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _histograms(rows: list[Row], routing: dict, mode: str) -> str:
+    ok = [r for r in rows if r.status == C.STATUS_OK]
+    refine = mode == "refine"
+
+    def final(before: float | None, after: float | None) -> float | None:
+        return after if after is not None else before  # not refined: the item keeps its score
+
+    p_before = [r.p for r in ok if r.p is not None]
+    a_before = [r.a for r in ok if r.a is not None]
+    p_after = [v for v in (final(r.p, r.p_after) for r in ok) if v is not None] if refine else None
+    a_after = [v for v in (final(r.a, r.a_after) for r in ok) if v is not None] if refine else None
+    thr_p = [(k, float(routing[k])) for k in ("skip_p", "light_p") if k in routing]
+    thr_a = [(k, float(routing[k])) for k in ("skip_a", "light_a") if k in routing]
+    svgs = [_histogram_svg("PQ-Map p (perceptual quality)", p_before, p_after, thr_p, "hist-p")]
+    if a_before:
+        svgs.append(_histogram_svg("AQ-Map a (alignment quality)", a_before, a_after, thr_a, "hist-a"))
+    else:
+        svgs.append('<p class="note" id="hist-a">no AQ scores (no prompts in the input).</p>')
+    note = ("bars: scores before refinement; line: scores of the final images (refined items re-scored, others "
+            "unchanged); dashed: routing thresholds (skip when p &ge; skip_p and a &ge; skip_a; full when "
+            "p &lt; light_p or a &lt; light_a; light otherwise)." if refine else
+            "scores of the input images; dashed: the routing thresholds a `run` would use.")
+    return f'<section id="histograms"><h2>Score distributions</h2><div class="hists">{"".join(svgs)}</div><p class="note">{note}</p></section>'
+
+
+def _worst(fs: pafs.FileSystem, root: str, rows: list[Row], shards: list[ShardInfo], manifest: dict, mode: str,
+           n_worst: int) -> str:
+    ok = [r for r in rows if r.status == C.STATUS_OK and r.p is not None]
+    ok.sort(key=lambda r: (r.p, r.a if r.a is not None else math.inf))
+    chosen = ok[:n_worst]
+    by_rel = {s.rel: s for s in shards}
+    has_maps = any(C.PQ_MAP in s.names for s in shards)
+    head = (f'<section id="worst"><h2>The {len(chosen)} worst items</h2><p class="note">Lowest p first, then lowest a. '
+            "PQ overlay: red where perceptual quality is low (1 - P). AQ overlay: red where the image needs "
+            "refinement for its prompt (A).</p>")
+    if not has_maps:
+        head += '<p class="note" id="maps-note">No maps in this output: run with --save-maps to see maps.</p>'
+    if not chosen:
+        return head + '<p class="note">no scored items.</p></section>'
+    # Fetch maps and images for the chosen rows only, grouped per shard.
+    pics: dict[tuple[str, int], dict[str, Any]] = {(r.shard, r.index): {} for r in chosen}
+    for rel in sorted({r.shard for r in chosen}):
+        shard = by_rel[rel]
+        idx = [r.index for r in chosen if r.shard == rel]
+        for col in (C.PQ_MAP, C.AQ_MAP):
+            if col in shard.names:
+                for i, v in _take(fs, shard.path, col, idx).items():
+                    pics[(rel, i)][col] = v
+        originals, refined = _shard_images(fs, root, shard, chosen, manifest, mode, idx)
+        for i in idx:
+            pics[(rel, i)]["original"] = originals.get(i)
+            pics[(rel, i)]["refined"] = refined.get(i)
+    trs = ['<tr><th>item</th><th>original</th><th>PQ map</th><th>AQ map</th><th>refined</th></tr>']
+    for r in chosen:
+        got = pics[(r.shard, r.index)]
+        base = _decode(got.get("original"))
+        pq_png, aq_png = got.get(C.PQ_MAP), got.get(C.AQ_MAP)
+        pq_img = _overlay(base, pq_png, invert=True) if pq_png else None
+        aq_img = _overlay(base, aq_png, invert=False) if aq_png else None
+        no_map = "run with --save-maps to see maps"
+        aq_missing = no_map if not has_maps else ("no prompt: no AQ map" if r.a is None else "no map")
+        ref_img, ref_missing = _refined_cell(r, got.get("refined"), mode)
+        meta = (f'<td class="meta"><b>{_e(r.item_id)}</b><br>p {_f(r.p)}'
+                + (f" &rarr; {_f(r.p_after)}" if r.p_after is not None and mode == "refine" else "")
+                + f" &nbsp; a {_f(r.a)}" + (f" &rarr; {_f(r.a_after)}" if r.a_after is not None and mode == "refine" else "")
+                + (f'<br><span class="badge">{_e(r.route)}</span>' if r.route else "")
+                + (f"<br>{_e(r.prompt)}" if r.prompt else "")
+                + (f'<br><span class="note">unmatched: {_e(", ".join(r.unmatched))}</span>' if r.unmatched else "")
+                + "</td>")
+        trs.append(
+            f'<tr class="item" data-item="{_e(r.item_id)}">{meta}'
+            + _img_cell(base, "original", "original not available")
+            + _img_cell(pq_img, "pq", no_map if not has_maps else "no map")
+            + _img_cell(aq_img, "aq", aq_missing)
+            + _img_cell(ref_img, "refined", ref_missing) + "</tr>")
+    return head + f'<table class="worst">{"".join(trs)}</table></section>'
+
+
+def _refined_cell(r: Row, data: bytes | None, mode: str) -> tuple[Image.Image | None, str]:
+    if mode != "refine":
+        return None, "score mode: not refined"
+    if r.route in ("skip", "reverted"):
+        return None, {"skip": "route skip: kept as is", "reverted": "reverted: the guard kept the original"}[r.route]
+    img = _decode(data)
+    return img, "refined image not available"
+
+
+def _shard_images(fs: pafs.FileSystem, root: str, shard: ShardInfo, chosen: list[Row], manifest: dict, mode: str,
+                  idx: list[int]) -> tuple[dict[int, bytes], dict[int, bytes]]:
+    """(original bytes, refined bytes) per row index of one output shard."""
+    originals: dict[int, bytes] = {}
+    refined: dict[int, bytes] = {}
+    rows = {r.index: r for r in chosen if r.shard == shard.rel}
+    if C.SOURCE in shard.names:  # image folder: originals beside the input, refined under OUT/images
+        for i in idx:
+            src = rows[i].source
+            if not src:
+                continue
+            if shard.input:
+                originals[i] = _read_file(join(shard.input, src))
+            if mode == "refine":
+                refined[i] = _read_file(join(root, f"images/{safe_relpath(src)}"), fs)
+        return originals, refined
+    if shard.input:  # Parquet: the same row of the input shard
+        try:
+            in_fs, in_path = resolve_fs(shard.input)
+            col = _input_image_column(in_fs, in_path, manifest)
+            if col:
+                originals = {i: _image_bytes(v) for i, v in _take(in_fs, in_path, col, idx).items()}
+                if mode == "refine" and col in shard.names:  # refined images replace the input column
+                    refined = {i: _image_bytes(v) for i, v in _take(fs, shard.path, col, idx).items()}
+        except (OSError, pa.ArrowInvalid, InputError):
+            pass  # input moved or unreadable: the cells say "not available"
+    return originals, refined
+
+
+def _read_file(path: str, fs: pafs.FileSystem | None = None) -> bytes | None:
+    try:
+        if fs is None:
+            fs, path = resolve_fs(path)
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except (OSError, pa.ArrowInvalid, InputError):
+        return None
+
+
+def _phrases(rows: list[Row]) -> str:
+    counts = Counter(ph for r in rows if r.status == C.STATUS_OK for ph in r.unmatched)
+    n_items = sum(1 for r in rows if r.status == C.STATUS_OK and r.unmatched)
+    if not counts:
+        return '<section id="phrases"><h2>Unmatched phrases</h2><p class="note">no unmatched phrases.</p></section>'
+    top = counts.most_common(N_PHRASES)
+    peak = top[0][1]
+    trs = "".join(
+        f'<tr class="phrase"><td>{_e(ph)}</td><td class="num" data-count="phrase">{c}</td>'
+        f'<td><span class="bar" style="width:{max(2, round(160 * c / peak))}px"></span></td></tr>'
+        for ph, c in top)
+    return (f'<section id="phrases"><h2>Most frequent unmatched phrases</h2><p class="note">{len(counts)} distinct '
+            f"phrases unmatched in {n_items} items (AQ-Map defects: a noun missing, or its modifiers not drawn).</p>"
+            f'<table><tr><th>phrase</th><th>items</th><th></th></tr>{trs}</table></section>')
+
+
+def _config(manifest: dict) -> str:
+    models = manifest.get("models") or {}
+    trs = "".join(f'<tr><td>{_e(k)}</td><td class="model">{_e(v if v not in (None, "") else "-")}</td></tr>'
+                  for k, v in models.items())
+    pk = manifest.get("packages") or {}
+    pk_line = ", ".join(f"{k} {v}" for k, v in pk.items() if v)
+    rc = manifest.get("result_config") or {}
+    return (f'<section id="config"><h2>Models and config</h2><table class="kv" id="models">{trs}</table>'
+            f'<p class="note">packages: {_e(pk_line) or "-"}</p>'
+            f'<details open><summary>resolved config (hash {_e(manifest.get("config_hash"))})</summary>'
+            f"<pre>{_e(json.dumps(rc, indent=2, sort_keys=True, default=str))}</pre></details></section>")

@@ -1,0 +1,118 @@
+"""The command line through its real entry point (`main`): output formats, files written, exit codes."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from grefine_curate.cli import main
+
+
+def run_cli(args, capsys):
+    old = sys.argv
+    sys.argv = ["grefine-curate", *args]
+    try:
+        with pytest.raises(SystemExit) as e:
+            main()
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return e.value.code or 0, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("img") / "cat.png"
+    Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_version(capsys):
+    code, out, _ = run_cli(["--version"], capsys)
+    assert code == 0 and out.startswith("grefine-curate ")
+
+
+@pytest.mark.parametrize("cmd", ["run", "score", "pq", "aq", "score-image", "parse", "refine", "train-pq",
+                                 "eval", "report", "models"])
+def test_every_command_has_help(cmd, capsys):
+    code, out, _ = run_cli([cmd, "--help"], capsys)
+    assert code == 0 and "Usage" in out
+
+
+def test_pq_json_and_map(image_file, tmp_path, capsys):
+    map_path = tmp_path / "map.png"
+    code, out, err = run_cli(["pq", str(image_file), "--preset", "tiny", "--json", "--save-map", str(map_path)], capsys)
+    assert code == 0, err
+    obj = json.loads(out)
+    assert set(obj["factors"]) == {"overall", "technical", "rationality", "naturalness"}
+    assert 0.0 <= obj["p"] <= 1.0
+    saved = Image.open(map_path)
+    assert saved.mode == "L" and saved.size == (80, 48)  # the image's own (W, H)
+    assert "no quality meaning" in err
+
+
+def test_aq_and_score_image_json(image_file, tmp_path, capsys):
+    map_path = tmp_path / "aq.png"
+    code, out, err = run_cli(["aq", str(image_file), "--prompt", "a red cat on a blue sofa", "--preset", "tiny",
+                              "--json", "--save-map", str(map_path)], capsys)
+    assert code == 0, err
+    obj = json.loads(out)
+    assert 0.0 <= obj["a"] <= 1.0 and [p["noun"] for p in obj["phrases"]] == ["cat", "sofa"]
+    assert Image.open(map_path).size == (80, 48)
+    code, out, err = run_cli(["score-image", str(image_file), "--prompt", "a red cat", "--preset", "tiny", "--json"], capsys)
+    assert code == 0, err
+    obj = json.loads(out)
+    assert obj["route"] in ("skip", "light", "full") and obj["aq"]["phrases"][0]["noun"] == "cat"
+    code, out, err = run_cli(["score-image", str(image_file), "--preset", "tiny", "--json"], capsys)
+    assert code == 0 and json.loads(out)["aq"] is None
+
+
+def test_parse_json(capsys):
+    code, out, _ = run_cli(["parse", "a dog on a mat", "", "--json"], capsys)
+    assert code == 0
+    obj = json.loads(out)
+    assert len(obj) == 2 and obj[1]["phrases"] == []
+    assert [p["noun"] for p in obj[0]["phrases"]] == ["dog", "mat"]
+    assert all(p["parent"] in range(len(obj[0]["phrases"])) for p in obj[0]["phrases"])
+
+
+def test_parse_human(capsys):
+    code, out, _ = run_cli(["parse", "(masterpiece:1.2), a cat"], capsys)
+    assert code == 0 and "cat" in out and "cleaned" in out
+
+
+def test_refine_writes_original_size(image_file, tmp_path, capsys):
+    out_path = tmp_path / "refined.png"
+    mask_path = tmp_path / "mask.png"
+    code, out, err = run_cli(["refine", str(image_file), "--prompt", "a red cat", "--preset", "tiny", "--out", str(out_path),
+                              "--seed", "3", "--save-mask", str(mask_path), "--json"], capsys)
+    assert code == 0, err
+    obj = json.loads(out)
+    assert obj["route"] in ("skip", "light", "full", "reverted")
+    assert Image.open(out_path).size == (80, 48)
+    assert 0.0 <= obj["mask_area"] <= 1.0
+
+
+def test_bad_inputs_exit_2_and_name_it(tmp_path, capsys):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    code, _, err = run_cli(["pq", str(bad), "--preset", "tiny"], capsys)
+    assert code == 2 and "notes.txt" in err
+    code, _, err = run_cli(["pq", str(tmp_path / "missing.png"), "--preset", "tiny"], capsys)
+    assert code == 2 and "missing.png" in err
+    code, _, err = run_cli(["pq", str(bad), "--preset", "sdxx"], capsys)
+    assert code == 2 and "sdxl" in err
+    code, _, err = run_cli(["run", str(tmp_path), "--out", str(tmp_path / "o"), "--mode", "fast"], capsys)
+    assert code == 2
+
+
+def test_missing_weights_exit_1(image_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run_cli(["pq", str(image_file), "--models-dir", str(tmp_path)], capsys)
+    assert code == 1 and "ViT-B-16-quickgelu" in err and "models pull" in err
