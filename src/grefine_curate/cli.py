@@ -30,6 +30,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="List and download the model weights a preset needs.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+prompts_app = typer.Typer(help="Manage PQ-Map prompt files.", no_args_is_help=True)
+app.add_typer(prompts_app, name="prompts")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_ERROR_RATE = 0, 1, 2, 3
 
@@ -270,36 +272,56 @@ def refine(
 
 @app.command("train-pq")
 def train_pq(
-    data: Annotated[str, typer.Argument(help="Parquet file/dir or image folder with MOS columns.")],
-    out: Annotated[Path, typer.Option("--out", help="Output prompt file (.safetensors).")],
-    mos_column: Annotated[str, typer.Option("--mos-column", help="Overall MOS column.")] = "mos",
-    factor_columns: Annotated[Optional[list[str]], typer.Option("--factor-column", help="FACTOR=COLUMN for per-factor MOS (technical, rationality, naturalness); repeatable.")] = None,
+    data: Annotated[str, typer.Argument(help="Parquet file or image folder (metadata.csv/jsonl) with MOS columns.")],
+    out: Annotated[Path, typer.Option("--out", help="Output prompt file (.safetensors); use it with --prompts or pq.prompts.")],
+    mos: Annotated[Optional[list[str]], typer.Option("--mos", help="FACTOR=COLUMN (overall, technical, rationality, naturalness); repeatable. Default: overall=mos.")] = None,
     image_column: Annotated[str, typer.Option("--image-column", help="Image column (bytes or {bytes,path}) for Parquet data.")] = "image",
     preset: PresetOpt = "sdxl",
     config: ConfigOpt = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (paper: 50).")] = 50,
-    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 2e-3,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate (cosine annealed).")] = 2e-3,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size.")] = 8,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Held-out fraction.")] = 0.2,
     seed: Annotated[int, typer.Option("--seed", help="Split and init seed.")] = 0,
+    init: Annotated[str, typer.Option("--init", help="auto (the preset's prompts when widths match), placeholder, or a prompt file.")] = "auto",
+    unlabelled: Annotated[str, typer.Option("--unlabelled", help="Factors without a MOS column: 'overall' (train on overall MOS) or 'fixed'.")] = "overall",
+    select: Annotated[str, typer.Option("--select", help="Best epoch by held-out SRCC of 'p' or of 'overall'.")] = "p",
     models_dir: ModelsDirOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Train the four PQ prompt contexts (image encoder frozen) on images with human MOS."""
     from grefine_curate.curate.train_pq import train_pq as run_training
 
     cfg = _preset(preset, config)
-    factors = {}
-    for item in factor_columns or []:
+    columns = {"overall": "mos"}
+    for item in mos or []:
         if "=" not in item:
-            _fail(f"--factor-column expects FACTOR=COLUMN, got {item!r}", EXIT_USAGE)
+            _fail(f"--mos expects FACTOR=COLUMN (e.g. overall=mos_quality), got {item!r}", EXIT_USAGE)
         k, v = item.split("=", 1)
-        factors[k.strip()] = v.strip()
+        columns[k.strip()] = v.strip()
     report = run_training(data, out, cfg, epochs=epochs, lr=lr, batch_size=batch_size,
-                          val_fraction=val_fraction, seed=seed, mos_column=mos_column,
-                          factor_columns=factors, image_column=image_column,
-                          models_dir=models_dir, progress=not quiet)
-    typer.echo(report.summary() if hasattr(report, "summary") else str(report))
+                          val_fraction=val_fraction, seed=seed, mos_columns=columns, image_column=image_column,
+                          init=init, unlabelled=unlabelled, select=select, models_dir=models_dir,
+                          progress=not quiet)
+    if as_json:
+        _print_json(report.to_json())
+        return
+    typer.echo(f"trained on {report.n_train} images, {report.n_val} held out; held-out SRCC "
+               f"{report.initial_srcc:.4f} -> {report.best_srcc:.4f} (best epoch {report.best_epoch})")
+    typer.echo(f"prompts written to {report.out}")
+
+
+@prompts_app.command("import")
+def prompts_import(
+    folder: Annotated[Path, typer.Argument(help="Folder with PQ-overall.pth, PQ-technical.pth, PQ-rational.pth, PQ-natural.pth (CLIP-IQA+ checkpoints).")],
+    out: Annotated[Path, typer.Option("--out", help="Output prompt file (.safetensors).")],
+) -> None:
+    """Convert released CLIP-IQA+ prompt checkpoints (G-Refine's PQ-*.pth) to a prompt file (safe loading only)."""
+    from grefine_curate.curate.prompts import import_clipiqa_checkpoint
+
+    path = import_clipiqa_checkpoint(folder, out, source=str(folder))
+    typer.echo(f"prompt file written to {path}")
 
 
 @app.command("eval")
