@@ -108,7 +108,7 @@ def test_map_orientation_follows_the_image(clip, preset):
 
 def test_map_combines_the_four_factors_with_the_cask(clip, preset):
     """P comes from the per-token cask: a patch bad in one factor only is dark in P."""
-    pq = PQMap(clip, preset.pq, surgery_blocks=2)
+    pq = PQMap(clip, dataclasses.replace(preset.pq, logit_scale=100.0), surgery_blocks=2)  # CLIP's temperature
     d = pq.text_features.shape[-1]
     basis = torch.eye(d)[: len(FACTORS)]
     pq.text_features = torch.stack([basis, -basis], dim=1)
@@ -123,14 +123,15 @@ def test_map_combines_the_four_factors_with_the_cask(clip, preset):
     assert 0.0 < res.P[0, 1] < 1.0
 
 
-def test_batched_maps_equal_surgery_tokens_to_maps():
+def test_grouped_map_resize_equals_one_by_one():
     torch.manual_seed(0)
     values = torch.randn(4, 14 * 14)
     sizes = [(30, 40), (7, 300), (30, 40), (1, 1)]
-    ours = maps_at_sizes(values, (14, 14), sizes, "bicubic")
-    ref = tokens_to_maps(values, (14, 14), sizes, "bicubic")
-    for a, b in zip(ours, ref):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    grouped = maps_at_sizes(values, (14, 14), sizes, "bicubic")
+    for i, size in enumerate(sizes):
+        (alone,) = tokens_to_maps(values[i : i + 1], (14, 14), [size], "bicubic")
+        assert grouped[i].shape == size
+        np.testing.assert_allclose(grouped[i], alone, atol=1e-6)
 
 
 def test_batch_equals_alone(pq):

@@ -191,27 +191,20 @@ def score_image(
 @app.command()
 def parse(
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts to parse.")],
-    spacy_model: Annotated[str, typer.Option("--spacy-model", help="spaCy pipeline name.")] = "en_core_web_sm",
+    preset: PresetOpt = "sdxl",
+    spacy_model: Annotated[Optional[str], typer.Option("--spacy-model", help="spaCy pipeline name (default: the preset's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list with one object per prompt.")] = False,
 ) -> None:
     """Split prompts into phrases (AQ-Map's syntax step): phrases, nouns, parents and the tree."""
-    from grefine_curate.curate.syntax import load_spacy, parse_prompt
+    from grefine_curate.curate.syntax import load_spacy, parse_prompts
 
-    nlp = load_spacy(spacy_model)
-    parsed = [parse_prompt(p, nlp=nlp) for p in prompts]
+    cfg = _preset(preset, None)
+    parsed = parse_prompts(prompts, load_spacy(spacy_model or cfg.aq.spacy_model), cfg.aq.max_phrases)
     if as_json:
-        _print_json([p.to_json() for p in parsed])
+        typer.echo(json.dumps([p.to_json() for p in parsed], indent=2, ensure_ascii=False))
         return
     for p in parsed:
-        typer.echo(f"prompt: {p.prompt}")
-        if p.cleaned != p.prompt:
-            typer.echo(f"cleaned: {p.cleaned}")
-        if not p.phrases:
-            typer.echo("  (no phrases)")
-        for i, ph in enumerate(p.phrases):
-            typer.echo(f"  [{i}] {ph.text!r:<32} noun={ph.noun!r:<14} parent={ph.parent}")
-        tree = p.tree()
-        typer.echo(tree.pformat(margin=100) if hasattr(tree, "pformat") else str(tree))
+        typer.echo(p.describe())
         typer.echo("")
 
 

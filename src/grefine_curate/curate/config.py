@@ -63,7 +63,7 @@ class AQConfig:
     a_bound: float = 0.5  # noun unmatched when a_pns < a_bound
     beta: float = 0.5  # phrase cask bound of eq. 8
     combine: str = "max"  # "max" (reference code) | "product" (paper eq. 6)
-    emphasis: float = 1.1  # weight of an unmatched phrase in the refinement prompt, "(phrase:1.1)"
+    emphasis: float = 1.1  # weight of an unmatched phrase appended to the refinement prompt, "(phrase:1.1)" (eq. 7: +0.1)
     max_phrases: int = 16  # phrases beyond this are ignored (long tag lists)
     text_cache_size: int = 65536  # LRU entries of the shared text-feature cache
     score_scale: float = 10.0  # score of a text = sigmoid(score_scale * cls_similarity)

@@ -39,7 +39,7 @@ from grefine_curate.curate.config import FACTORS, PQConfig, Preset
 from grefine_curate.curate.errors import ConfigError
 from grefine_curate.curate.prompts import PQPrompts, build_pq_prompts, pq_text_features
 from grefine_curate.curate.results import PQResult
-from grefine_curate.curate.surgery import SurgeryEncoder, preprocess_images
+from grefine_curate.curate.surgery import SurgeryEncoder, preprocess_images, tokens_to_maps
 
 ALPHA_MODES = ("per-factor", "first-alpha")
 FEATURE_NORMS = ("channel", "token")
@@ -94,35 +94,7 @@ def cask(s: torch.Tensor, alphas: Sequence[float], mode: str = "per-factor") -> 
     return s[..., 0] * torch.clamp(s[..., 1:] / a, max=1.0).prod(dim=-1)
 
 
-def maps_at_sizes(
-    values: torch.Tensor,
-    grid: tuple[int, int],
-    sizes: Sequence[tuple[int, int]],
-    mode: str = "bicubic",
-) -> list[np.ndarray]:
-    """Per-patch values (B, HW) -> min-max normalised (H, W) float32 maps in [0, 1], one per image.
-
-    Same result as ``surgery.tokens_to_maps``, but images that share a size are resized in one
-    ``interpolate`` call (a curation batch usually has one size; per-image calls dominated the
-    PQ-Map overhead at 512x512).
-    """
-    gh, gw = grid
-    col = values.float().reshape(values.shape[0], 1, gh, gw)  # (B, 1, gh, gw)
-    lo = col.amin(dim=(2, 3), keepdim=True)
-    hi = col.amax(dim=(2, 3), keepdim=True)
-    col = (col - lo) / (hi - lo).clamp_min(1e-12)
-    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-    out: list[np.ndarray | None] = [None] * len(sizes)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, (h, w) in enumerate(sizes):
-        groups.setdefault((int(h), int(w)), []).append(i)
-    for (h, w), idx in groups.items():
-        sel = col[idx] if len(idx) < col.shape[0] else col
-        m = F.interpolate(sel, size=(h, w), mode=mode, **kwargs).clamp_(0.0, 1.0)  # (n, 1, H, W)
-        m = m[:, 0].cpu().numpy()
-        for j, i in enumerate(idx):
-            out[i] = m[j]
-    return out  # type: ignore[return-value]
+maps_at_sizes = tokens_to_maps  # grouped resizing lives in surgery.py, shared with AQ-Map
 
 
 class PQMap:

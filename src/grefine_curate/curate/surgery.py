@@ -124,19 +124,27 @@ def tokens_to_maps(
     sizes: Sequence[tuple[int, int]],
     mode: str = "bicubic",
 ) -> list[np.ndarray]:
-    """Per-patch values (B, HW) -> min-max normalised maps, each resized to its own (H, W).
+    """Per-patch values (B, HW) -> min-max normalised (H, W) float32 maps in [0, 1], one per image.
 
     ``sizes`` are (H, W) per image: the map is reshaped to the patch grid (rows = image rows) and
-    interpolated to (H, W), so non-square images keep their orientation.
+    interpolated to (H, W), so non-square images keep their orientation. Images that share a size
+    are resized in one ``interpolate`` call (a curation batch usually has one size; per-image calls
+    dominated the map overhead at 512x512).
     """
     gh, gw = grid
-    col = column.float().reshape(column.shape[0], 1, gh, gw)
+    col = column.float().reshape(column.shape[0], 1, gh, gw)  # (B, 1, gh, gw)
     lo = col.amin(dim=(2, 3), keepdim=True)
     hi = col.amax(dim=(2, 3), keepdim=True)
     col = (col - lo) / (hi - lo).clamp_min(1e-12)
-    out = []
+    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    out: list[np.ndarray | None] = [None] * len(sizes)
+    groups: dict[tuple[int, int], list[int]] = {}
     for i, (h, w) in enumerate(sizes):
-        kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-        m = F.interpolate(col[i : i + 1], size=(int(h), int(w)), mode=mode, **kwargs)
-        out.append(m[0, 0].clamp_(0.0, 1.0).cpu().numpy().astype(np.float32))
-    return out
+        groups.setdefault((int(h), int(w)), []).append(i)
+    for (h, w), idx in groups.items():
+        sel = col[idx] if len(idx) < col.shape[0] else col
+        m = F.interpolate(sel, size=(h, w), mode=mode, **kwargs).clamp_(0.0, 1.0)  # (n, 1, H, W)
+        m = m[:, 0].cpu().numpy().astype(np.float32)
+        for j, i in enumerate(idx):
+            out[i] = m[j]
+    return out  # type: ignore[return-value]
