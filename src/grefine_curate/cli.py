@@ -367,7 +367,7 @@ def report(
 def _job(
     inputs, out, mode, preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
     save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
-    models_dir,
+    models_dir, image_format,
 ) -> None:
     from grefine_curate.pipelines.job import JobConfig, run_job
 
@@ -377,9 +377,11 @@ def _job(
         workers=workers, gpus_per_worker=gpus_per_worker, batch_size=batch_size, limit=limit,
         save_maps=save_maps, resume=resume, force=force, max_error_rate=max_error_rate, quiet=quiet,
         keep_images=keep_images, image_column=image_column, prompt_column=prompt_column,
-        id_column=id_column, models_dir=str(models_dir) if models_dir else None,
+        id_column=id_column, models_dir=str(models_dir) if models_dir else None, image_format=image_format.upper(),
     )
     summary = run_job(job)
+    for line in summary.lines():
+        typer.echo(line, err=summary.exit_code != 0)
     raise typer.Exit(summary.exit_code)
 
 
@@ -394,7 +396,8 @@ LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Process only t
 MapsOpt = Annotated[bool, typer.Option("--save-maps", help="Store 64x64 PQ/AQ maps in the output rows.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Skip shards whose output is complete (default) or recompute all.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Resume even though the config changed since the earlier run.")]
-ErrRateOpt = Annotated[float, typer.Option("--max-error-rate", help="Exit 3 when more than this fraction of items failed.")]
+ErrRateOpt = Annotated[float, typer.Option("--max-error-rate", help="Exit 3 when more than this fraction of items failed (the outputs are still complete).")]
+ImageFormatOpt = Annotated[str, typer.Option("--image-format", help="Encoding of refined images in Parquet outputs: PNG, JPEG or WEBP.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 KeepOpt = Annotated[bool, typer.Option("--keep-images", help="Score mode: also copy the image bytes to the output.")]
 ImgColOpt = Annotated[Optional[str], typer.Option("--image-column", help="Parquet image column (default: auto: image, jpg, png, img).")]
@@ -418,20 +421,21 @@ def run(
     save_maps: MapsOpt = False,
     resume: ResumeOpt = True,
     force: ForceOpt = False,
-    max_error_rate: ErrRateOpt = 1.0,
+    max_error_rate: ErrRateOpt = 0.1,
     quiet: QuietOpt = False,
     keep_images: KeepOpt = False,
     image_column: ImgColOpt = None,
     prompt_column: PromptColOpt = None,
     id_column: IdColOpt = None,
     models_dir: ModelsDirOpt = None,
+    image_format: ImageFormatOpt = "PNG",
 ) -> None:
     """Score every image of a data set, route it, refine the low-quality ones, write everything back."""
     if mode not in ("refine", "score"):
         _fail(f"--mode must be 'refine' or 'score', got {mode!r}", EXIT_USAGE)
     _job(inputs, out, mode, preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
          save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
-         models_dir)
+         models_dir, image_format)
 
 
 @app.command()
@@ -449,7 +453,7 @@ def score(
     save_maps: MapsOpt = False,
     resume: ResumeOpt = True,
     force: ForceOpt = False,
-    max_error_rate: ErrRateOpt = 1.0,
+    max_error_rate: ErrRateOpt = 0.1,
     quiet: QuietOpt = False,
     keep_images: KeepOpt = False,
     image_column: ImgColOpt = None,
@@ -460,7 +464,7 @@ def score(
     """Score-only audit of a data set (same as `run --mode score`): ids, prompts and PQ/AQ scores."""
     _job(inputs, out, "score", preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
          save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
-         models_dir)
+         models_dir, "PNG")
 
 
 # --------------------------------------------------------------------------------------------- #

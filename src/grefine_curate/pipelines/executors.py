@@ -1,0 +1,344 @@
+"""Executors: run the shard processor over pending shards, in-process or on Ray actors.
+
+- ``run_local``: the same processor in this process (tests, debugging, small jobs).
+- ``run_ray``: a local Ray instance with zero set-up (or a cluster via ``--address`` /
+  ``RAY_ADDRESS``). Actors (one per GPU; on CPU-only clusters ``workers`` CPU actors) load the
+  models once and stream their shard in batches; each shard call is a streaming generator that
+  reports items done per batch, so the driver shows item-level progress while holding no rows.
+  A worker that dies mid-shard (crash, OOM kill, node loss) is replaced and its shard resubmitted
+  (up to ``max_attempts``); its partial temporary file is never renamed, so nothing is counted twice.
+
+Both report progress on the driver: tqdm bars over items and shards on a terminal, plain log
+lines otherwise, nothing with ``quiet``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from grefine_curate.curate.errors import ModelUnavailableError
+from grefine_curate.pipelines.sinks import clean_shard_temporaries
+from grefine_curate.pipelines.processor import (
+    EngineSpec,
+    ProcessOptions,
+    ShardResult,
+    ShardTask,
+    build_engine,
+    process_shard,
+)
+
+LOG_EVERY_S = 10.0  # plain-log progress interval when stderr is not a terminal
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress on the driver
+
+
+class Progress:
+    """tqdm bars over items and shards (rate, ETA) on a TTY; plain lines otherwise; silent when quiet."""
+
+    def __init__(self, total_items: int, total_shards: int, quiet: bool = False, stream=None):
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.total_items, self.total_shards = total_items, total_shards
+        self.done_items = self.done_shards = 0
+        self.t0 = time.perf_counter()
+        self._last_log = self.t0
+        self._bars = None
+        if not quiet and self.tty:
+            from tqdm.auto import tqdm
+
+            self._bars = (
+                tqdm(total=total_shards, desc="shards", unit="shard", position=0, file=self.stream, dynamic_ncols=True),
+                tqdm(total=total_items, desc="images", unit="img", position=1, file=self.stream, dynamic_ncols=True,
+                     smoothing=0.1),
+            )
+
+    def say(self, msg: str, always: bool = False) -> None:
+        if self.quiet and not always:
+            return
+        if self._bars is not None:
+            self._bars[0].write(msg, file=self.stream)
+        else:
+            print(msg, file=self.stream, flush=True)
+
+    def items(self, n: int) -> None:
+        self.done_items += n
+        if self._bars is not None:
+            self._bars[1].update(n)
+        elif not self.quiet and time.perf_counter() - self._last_log >= LOG_EVERY_S:
+            self._log_line()
+
+    def _log_line(self) -> None:
+        dt = time.perf_counter() - self.t0
+        rate = self.done_items / dt if dt > 0 else 0.0
+        left = self.total_items - self.done_items
+        eta = f"{left / rate:.0f}s" if rate > 0 else "?"
+        self.say(f"progress: {self.done_items}/{self.total_items} images, {self.done_shards}/{self.total_shards} "
+                 f"shards, {rate:.1f} img/s, ETA {eta}")
+        self._last_log = time.perf_counter()
+
+    def shard_done(self, res: ShardResult) -> None:
+        self.done_shards += 1
+        if self._bars is not None:
+            self._bars[0].update(1)
+        else:
+            err = res.status.get("error", 0)
+            self.say(f"shard done: {res.rel} ({res.rows} rows, {err} errors, {res.seconds:.1f}s) "
+                     f"[{self.done_shards}/{self.total_shards}]")
+
+    def rollback(self, n: int) -> None:
+        """A failed attempt's items are counted again by its retry."""
+        self.done_items -= n
+        if self._bars is not None:
+            self._bars[1].update(-n)
+
+    def close(self) -> None:
+        if self._bars is not None:
+            for b in reversed(self._bars):
+                b.close()
+            self._bars = None
+
+
+@dataclass
+class ExecReport:
+    results: list[ShardResult] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (shard rel, message)
+    interrupted: bool = False
+    startup_s: float = 0.0  # start-up before the first shard: Ray init (if started here) + model loading
+    retries: int = 0
+    workers: int = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Local
+
+
+_ENGINE_CACHE: dict[Any, Any] = {}
+
+
+def cached_engine(spec: EngineSpec):
+    """Models load once per process: a notebook or test session running several jobs reuses them."""
+    key = spec.key()
+    if key not in _ENGINE_CACHE:
+        _ENGINE_CACHE.clear()  # one engine at a time bounds memory
+        _ENGINE_CACHE[key] = build_engine(spec)
+    engine = _ENGINE_CACHE[key]
+    if hasattr(engine, "ensure_mode"):
+        engine.ensure_mode(spec.mode)
+    return engine
+
+
+def run_local(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, progress: Progress) -> ExecReport:
+    report = ExecReport(workers=1)
+    if not tasks:
+        return report
+    t0 = time.perf_counter()
+    engine = cached_engine(spec)
+    report.startup_s = time.perf_counter() - t0  # model loading (0 when this process has them already)
+    for task in tasks:
+        done = 0
+        try:
+            for ev in process_shard(task, engine, opts):
+                if isinstance(ev, int):
+                    done += ev
+                    progress.items(ev)
+                else:
+                    report.results.append(ev)
+                    progress.shard_done(ev)
+        except KeyboardInterrupt:
+            report.interrupted = True
+            return report
+        except Exception as e:  # noqa: BLE001 - one broken shard must not stop the others
+            progress.rollback(done)
+            report.failures.append((task.shard.rel, f"{type(e).__name__}: {e}"))
+            progress.say(f"shard failed: {task.shard.rel}: {type(e).__name__}: {e}", always=True)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+
+
+class ShardWorker:
+    """A Ray actor: loads the models once, then streams one shard per call."""
+
+    def __init__(self, spec: EngineSpec, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.spec = spec
+        self.engine = None
+
+    def ready(self) -> int:
+        """Load the models now, so a load failure surfaces before any shard is handed out."""
+        if self.engine is None:
+            self.engine = build_engine(self.spec)
+        return os.getpid()
+
+    def process(self, task: ShardTask, opts: ProcessOptions):
+        self.ready()
+        yield from process_shard(task, self.engine, opts)
+
+
+_FORWARD_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE")
+
+
+def _forwarded_env() -> dict[str, str]:
+    """Env vars the actors need from the driver (offline flags, cache dirs, test hooks)."""
+    return {k: v for k, v in os.environ.items() if k in _FORWARD_ENV or k.startswith("GREFINE_")}
+
+
+def init_ray(address: str | None = None) -> tuple[bool, float]:
+    """Join a running Ray (this process's, --address, RAY_ADDRESS) or start a local one.
+
+    Returns (started_here, seconds). A local instance keeps its files in a temporary directory under
+    /tmp (not OUT: Ray's socket paths must stay short) and runs without a dashboard.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False, 0.0
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    t0 = time.perf_counter()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    # Worker output (library warnings) stays in Ray's log files; failures come back as exceptions.
+    common = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
+    if address:
+        ray.init(address=address, **common)
+    else:
+        ray.init(include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="grefine-ray-", dir="/tmp"), **common)
+    return True, time.perf_counter() - t0
+
+
+def _plan_workers(workers: int | None, gpus_per_worker: float, n_tasks: int) -> tuple[int, float, float]:
+    """(actors, CPUs per actor, GPUs per actor) from the cluster's resources."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 1.0)), float(res.get("GPU", 0.0))
+    if gpus > 0 and gpus_per_worker > 0:
+        n = workers or max(1, int(gpus // gpus_per_worker))
+        return max(1, min(n, n_tasks)), 1.0, gpus_per_worker
+    # CPU only: a few multi-threaded actors beat many single-threaded ones (torch intra-op threads)
+    n = workers or max(1, int(cpus // 4))
+    n = max(1, min(n, n_tasks))
+    per = cpus / n
+    return n, (float(int(per)) if per >= 1 else per), 0.0
+
+
+def run_ray(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, progress: Progress, *,
+            address: str | None = None, workers: int | None = None, gpus_per_worker: float = 1.0,
+            max_attempts: int = 3) -> ExecReport:
+    import ray
+    from ray.exceptions import ActorDiedError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
+
+    report = ExecReport()
+    if not tasks:
+        return report
+    started, report.startup_s = init_ray(address)
+    n, cpus, gpus = _plan_workers(workers, gpus_per_worker, len(tasks))
+    report.workers = n
+    actor_cls = ray.remote(ShardWorker).options(
+        num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0, max_concurrency=1,
+        runtime_env={"env_vars": _forwarded_env()},
+    )
+
+    def new_actor():
+        return actor_cls.remote(spec, max(1, int(round(cpus))) if not gpus else 2)
+
+    actors: list[Any] = [new_actor() for _ in range(n)]
+    queue: deque[ShardTask] = deque(tasks)
+    active: dict[Any, tuple[int, ShardTask]] = {}
+    counted: dict[int, int] = {}  # items reported by the current attempt on actor i
+
+    def submit(i: int) -> None:
+        if queue:
+            task = queue.popleft()
+            active[actors[i].process.remote(task, opts)] = (i, task)
+            counted[i] = 0
+
+    try:
+        t_ready = time.perf_counter()
+        try:
+            ray.get([a.ready.remote() for a in actors])
+        except RayTaskError as e:
+            cause = e.cause if getattr(e, "cause", None) is not None else e
+            raise cause from None  # the models cannot load: every shard would fail the same way
+        report.startup_s += time.perf_counter() - t_ready  # actors up, models loaded
+        for i in range(n):
+            submit(i)
+        while active:
+            ready, _ = ray.wait(list(active), num_returns=1, timeout=1.0)
+            for gen in ready:
+                i, task = active[gen]
+                try:
+                    ev = ray.get(next(gen))
+                except StopIteration:
+                    del active[gen]
+                    submit(i)
+                    continue
+                except (ActorDiedError, RayActorError, WorkerCrashedError, ObjectLostError) as e:
+                    del active[gen]
+                    progress.rollback(counted.get(i, 0))
+                    try:
+                        ray.kill(actors[i], no_restart=True)
+                    except Exception:  # noqa: BLE001 - already gone
+                        pass
+                    actors[i] = new_actor()
+                    clean_shard_temporaries(task.out_fs, task.output_path)  # the dead attempt's partial file
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    if task.attempt < max_attempts:
+                        report.retries += 1
+                        queue.appendleft(replace(task, attempt=task.attempt + 1))
+                        progress.say(f"worker died on shard {task.shard.rel} (attempt {task.attempt}: {first}); "
+                                     "retrying on a fresh worker", always=True)
+                    else:
+                        report.failures.append((task.shard.rel, f"worker died {task.attempt} times: {first}"))
+                        progress.say(f"shard failed: {task.shard.rel}: worker died {task.attempt} times", always=True)
+                    submit(i)
+                    continue
+                except RayTaskError as e:
+                    del active[gen]
+                    progress.rollback(counted.get(i, 0))
+                    cause = e.cause if getattr(e, "cause", None) is not None else e
+                    if isinstance(cause, ModelUnavailableError):
+                        raise cause from None  # every shard would fail the same way: stop now
+                    msg = f"{type(cause).__name__}: {cause}"
+                    report.failures.append((task.shard.rel, msg))
+                    progress.say(f"shard failed: {task.shard.rel}: {msg}", always=True)
+                    submit(i)
+                    continue
+                if isinstance(ev, int):
+                    counted[i] = counted.get(i, 0) + ev
+                    progress.items(ev)
+                else:
+                    del active[gen]
+                    report.results.append(ev)
+                    progress.shard_done(ev)
+                    submit(i)
+    except KeyboardInterrupt:
+        report.interrupted = True
+    finally:
+        for gen in list(active):
+            try:
+                ray.cancel(gen, force=False)
+            except Exception:  # noqa: BLE001
+                pass
+        for a in actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
+        if started:
+            ray.shutdown()
+    return report
+

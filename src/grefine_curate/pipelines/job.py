@@ -1,0 +1,312 @@
+"""The curation job behind ``grefine-curate run`` / ``score``: G-Refine (paper sec. 3) over a data set.
+
+Score every image (PQ-Map p/P, AQ-Map a/A), route it, refine the low-quality ones with the
+balanced refiner, and write everything back with per-item scores. ``run_job(JobConfig)`` is the one
+entry point; it returns a ``JobSummary`` whose ``exit_code`` follows the documented contract:
+
+    0  done
+    1  failure (a shard failed after its retries; an unexpected error propagates and maps to 1)
+    2  bad usage or config: raised as ConfigError / InputError before any work
+    3  done, but the error rate exceeded ``max_error_rate``
+    130 interrupted (Ctrl-C): a clean stop, finished shards kept
+
+Steps: 1. check options  2. resolve the preset  3. find and check every input shard
+4. compare with OUT's manifest (refuse a config change unless ``force``)  5. clean stale temporaries
+6. skip complete shards (resume)  7. run the executor  8. write the manifest, return the summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from grefine_curate.curate.config import Preset, load_override_file, load_preset
+from grefine_curate.curate.errors import ConfigError, InputError
+from grefine_curate.curate.routing import check_routing
+from grefine_curate.pipelines.executors import ExecReport, Progress, run_local, run_ray
+from grefine_curate.pipelines.manifest import (
+    check_config,
+    config_hash,
+    manifest_path,
+    model_ids,
+    package_versions,
+    result_config,
+    shard_states,
+    totals,
+    write_manifest,
+)
+from grefine_curate.pipelines.processor import EngineSpec, ProcessOptions, ShardTask
+from grefine_curate.pipelines.sinks import clean_stale_temporaries
+from grefine_curate.pipelines.sources import ColumnSpec, discover, resolve_fs
+
+MODES = ("refine", "score")
+EXECUTORS = ("ray", "local")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_ERROR_RATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+@dataclass
+class JobConfig:
+    """Options of one run (the CLI builds this; every field has a usable default except inputs/out)."""
+
+    inputs: list[str]  # Parquet files, directories (recursive), globs, image folders; local or s3:// gs://
+    out: str  # output root (local path or URI)
+    mode: str = "refine"  # "refine" | "score" (score-only audit)
+    preset: str = "sdxl"  # preset name (configs/<name>.toml) or path to a .toml
+    config_file: str | None = None  # user TOML merged over the preset (same tables)
+    overrides: dict[str, Any] | None = None  # nested overrides merged last ({"routing": {"skip_p": 0.8}})
+    executor: str = "ray"  # "ray" | "local"
+    address: str | None = None  # Ray cluster address (default: RAY_ADDRESS, else a local instance)
+    workers: int | None = None  # actors (default: one per GPU; CPU-only: cluster CPUs // 4, at least 1)
+    gpus_per_worker: float = 1.0  # GPUs per actor when the cluster has GPUs
+    batch_size: int = 8  # images per model call
+    limit: int | None = None  # process only the first N rows (in input order)
+    save_maps: bool = False  # store P and A as 64x64 8-bit PNG in pq_map / aq_map
+    resume: bool = True  # skip shards whose output is complete
+    force: bool = False  # accept a config change against OUT's manifest (recomputes every shard)
+    max_error_rate: float = 0.1  # exit code 3 when error rows / rows exceeds this
+    quiet: bool = False  # no progress bars or log lines (failures are still printed)
+    keep_images: bool = False  # score mode: keep the image bytes (Parquet) / copy images (folders)
+    image_column: str | None = None  # None: first of image, img, jpg, jpeg, png, webp, image_bytes
+    prompt_column: str | None = None  # None: first of prompt, text, caption, txt (none found: PQ only)
+    id_column: str | None = None  # None: "<shard relative path>#<row index>"
+    models_dir: str | None = None  # local model cache (Hugging Face cache layout)
+    image_format: str = "PNG"  # encoding of refined images in Parquet outputs: PNG | JPEG | WEBP
+    decode_threads: int = 2  # CPU threads decoding images beside the model, per worker
+    folder_shard_size: int = 1000  # images per shard of an image folder
+    max_attempts: int = 3  # Ray: attempts of a shard whose worker died
+    draft_decode: bool = True  # score mode: decode JPEGs DCT-scaled to the CLIP input size (faster)
+
+
+@dataclass
+class JobSummary:
+    out: str
+    mode: str
+    state: str  # "done" | "failed" | "error-rate" | "interrupted"
+    exit_code: int
+    config_hash: str
+    shards_total: int
+    shards_run: int  # completed by this run
+    shards_skipped: int  # complete from an earlier run (resume)
+    shards_failed: list[tuple[str, str]]  # (shard, message)
+    rows: int  # rows in complete output shards (this run and earlier ones)
+    status: dict[str, int]  # "ok" / "error" -> rows
+    routes: dict[str, int]  # "skip" / "light" / "full" / "reverted" -> rows (refine mode)
+    error_rate: float
+    rows_this_run: int
+    wall_s: float
+    startup_s: float  # Ray init (when started here) + model loading, before the first shard
+    items_per_s: float  # rows of this run / (wall time - start-up: Ray init and model loading)
+    retries: int
+    manifest: str
+    removed_temporaries: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """A short human-readable report (the CLI prints it)."""
+        routes = ", ".join(f"{k} {v}" for k, v in sorted(self.routes.items())) or "-"
+        out = [
+            f"{self.state}: {self.rows} rows in {self.shards_total} shards under {self.out} "
+            f"({self.shards_run} run now, {self.shards_skipped} already complete, {len(self.shards_failed)} failed)",
+            f"status: ok {self.status.get('ok', 0)}, error {self.status.get('error', 0)} "
+            f"(error rate {self.error_rate:.1%})" + (f"; routes: {routes}" if self.mode == "refine" else ""),
+            f"this run: {self.rows_this_run} rows in {self.wall_s:.1f}s ({self.items_per_s:.1f} img/s after "
+            f"{self.startup_s:.1f}s of start-up)",
+            f"manifest: {self.manifest}",
+        ]
+        out += [f"failed shard {rel}: {msg}" for rel, msg in self.shards_failed]
+        return out + self.notes
+
+
+def _check_options(cfg: JobConfig) -> None:
+    def bad(msg: str) -> None:
+        raise ConfigError(msg)
+
+    if cfg.mode not in MODES:
+        bad(f"mode {cfg.mode!r} is not one of {', '.join(MODES)}")
+    if cfg.executor not in EXECUTORS:
+        bad(f"executor {cfg.executor!r} is not one of {', '.join(EXECUTORS)}")
+    if cfg.batch_size < 1:
+        bad(f"batch size must be at least 1, got {cfg.batch_size}")
+    if cfg.limit is not None and cfg.limit < 1:
+        bad(f"limit must be at least 1 when given, got {cfg.limit}")
+    if cfg.workers is not None and cfg.workers < 1:
+        bad(f"workers must be at least 1 when given, got {cfg.workers}")
+    if cfg.gpus_per_worker < 0:
+        bad(f"gpus per worker must be >= 0, got {cfg.gpus_per_worker}")
+    if not 0.0 <= cfg.max_error_rate <= 1.0:
+        bad(f"max error rate must be within [0, 1], got {cfg.max_error_rate}")
+    if cfg.image_format.upper() not in IMAGE_FORMATS:
+        bad(f"image format {cfg.image_format!r} is not one of {', '.join(IMAGE_FORMATS)}")
+    if cfg.folder_shard_size < 1 or cfg.decode_threads < 1 or cfg.max_attempts < 1:
+        bad("folder_shard_size, decode_threads and max_attempts must be at least 1")
+    if not cfg.out:
+        bad("an output directory is required (--out)")
+
+
+def resolve_preset(cfg: JobConfig) -> Preset:
+    overrides: dict[str, Any] = {}
+    if cfg.config_file:
+        overrides = load_override_file(cfg.config_file)
+    if cfg.overrides:
+        from grefine_curate.curate.config import _merge
+
+        overrides = _merge(overrides, cfg.overrides)
+    return load_preset(cfg.preset, overrides or None)
+
+
+def _row_caps(nums: list[int], limit: int | None) -> list[int | None]:
+    """--limit in input order: a full shard has cap None (so its marker matches an unlimited run)."""
+    if limit is None:
+        return [None] * len(nums)
+    caps: list[int | None] = []
+    left = limit
+    for n in nums:
+        take = min(n, left)
+        caps.append(None if take == n else take)
+        left -= take
+    return caps
+
+
+def run_job(cfg: JobConfig) -> JobSummary:
+    """Run (or resume) a curation job. Raises ConfigError/InputError (exit 2) before any work."""
+    t0 = time.perf_counter()
+    # 1. Check options
+    _check_options(cfg)
+    image_format = cfg.image_format.upper()
+    # 2. Resolve the preset (and check what the models only read later)
+    preset = resolve_preset(cfg)
+    check_routing(preset.routing)
+    # 3. Find and check every input shard (metadata only)
+    columns = ColumnSpec(image=cfg.image_column, prompt=cfg.prompt_column, id=cfg.id_column)
+    shards = discover(cfg.inputs, columns, out=cfg.out, folder_shard_size=cfg.folder_shard_size)
+    total_rows = sum(s.num_rows for s in shards)
+    if total_rows == 0:
+        raise InputError(f"the input has no rows ({len(shards)} shard(s) found, all empty): nothing to do")
+    caps = _row_caps([s.num_rows for s in shards], cfg.limit)
+    keep = [i for i, (s, c) in enumerate(zip(shards, caps)) if c is None or c > 0]
+    shards, caps = [shards[i] for i in keep], [caps[i] for i in keep]
+    # 4. Compare with OUT's manifest
+    out_fs, out_root = resolve_fs(cfg.out)
+    draft = preset.clip.image_size if (cfg.mode == "score" and cfg.draft_decode) else None
+    rcfg = result_config(preset, cfg.mode, cfg.save_maps, cfg.keep_images, image_format,
+                         {"image": cfg.image_column, "prompt": cfg.prompt_column, "id": cfg.id_column}, draft)
+    fingerprint = config_hash(rcfg)
+    check_config(out_fs, out_root, rcfg, cfg.force)
+    out_fs.create_dir(out_root, recursive=True)
+    # 5. Stale temporaries of a killed run
+    removed = clean_stale_temporaries(out_fs, out_root)
+    # 6. Resume: complete shards are skipped
+    states = shard_states(out_fs, out_root, shards, caps, fingerprint, cfg.resume)
+    tasks = [ShardTask(shard=st.shard, out_fs=out_fs, out_root=out_root, row_cap=st.row_cap)
+             for st in states if not st.complete]
+    skipped = len(states) - len(tasks)
+    base = {
+        "state": "running",
+        "config_hash": fingerprint,
+        "preset_hash": preset.hash(),
+        "preset": preset.name,
+        "models": model_ids(preset, cfg.mode),
+        "packages": package_versions(),
+        "result_config": rcfg,
+        "job": dataclasses.asdict(cfg),
+        "inputs": [{"shard": s.rel, "input": s.path, "rows": s.num_rows, "row_cap": c} for s, c in zip(shards, caps)],
+    }
+    write_manifest(out_fs, out_root, base)
+    # 7. Run
+    opts = ProcessOptions(mode=cfg.mode, batch_size=cfg.batch_size, save_maps=cfg.save_maps,
+                          keep_images=cfg.keep_images, image_format=image_format, max_pixels=preset.max_pixels,
+                          draft_size=draft, decode_threads=cfg.decode_threads, seed=preset.seed,
+                          fingerprint=fingerprint)
+    spec = EngineSpec(preset=preset, mode=cfg.mode, models_dir=cfg.models_dir)
+    todo_rows = sum(t.row_cap if t.row_cap is not None else t.shard.num_rows for t in tasks)
+    progress = Progress(todo_rows, len(tasks), quiet=cfg.quiet)
+    if skipped:
+        progress.say(f"resume: {skipped} of {len(states)} shards already complete in {out_root}")
+    if removed:
+        progress.say(f"removed {removed} temporary file(s) left by an interrupted run")
+    report = ExecReport()
+    try:
+        if cfg.executor == "local":
+            report = run_local(tasks, spec, opts, progress)
+        else:
+            report = run_ray(tasks, spec, opts, progress, address=cfg.address, workers=cfg.workers,
+                             gpus_per_worker=cfg.gpus_per_worker, max_attempts=cfg.max_attempts)
+    except KeyboardInterrupt:
+        report.interrupted = True
+    finally:
+        progress.close()
+    # 8. Manifest and summary (counts over every complete shard, this run's and earlier ones)
+    after = shard_states(out_fs, out_root, shards, caps, fingerprint, resume=True)
+    markers = [st.marker for st in after if st.complete]
+    tot = totals(markers)
+    rows = tot["rows"]
+    errors = tot["status"].get("error", 0)
+    error_rate = errors / rows if rows else 0.0
+    wall = time.perf_counter() - t0
+    rows_run = sum(r.rows for r in report.results)
+    busy = max(wall - report.startup_s, 1e-9)
+    if report.interrupted:
+        state, code = "interrupted", EXIT_INTERRUPTED
+    elif report.failures:
+        state, code = "failed", EXIT_FAILURE
+    elif error_rate > cfg.max_error_rate:
+        state, code = "error-rate", EXIT_ERROR_RATE
+    else:
+        state, code = "done", EXIT_OK
+    notes = []
+    if code == EXIT_ERROR_RATE:
+        notes.append(f"error rate {error_rate:.1%} is above --max-error-rate {cfg.max_error_rate:.1%}; "
+                     f"the messages are in the {'grefine_error'} column")
+    summary = JobSummary(
+        out=out_root, mode=cfg.mode, state=state, exit_code=code, config_hash=fingerprint,
+        shards_total=len(shards), shards_run=len(report.results), shards_skipped=skipped,
+        shards_failed=report.failures, rows=rows, status=tot["status"], routes=tot["routes"],
+        error_rate=error_rate, rows_this_run=rows_run, wall_s=wall, startup_s=report.startup_s,
+        items_per_s=rows_run / busy, retries=report.retries, manifest=manifest_path(out_root),
+        removed_temporaries=removed, notes=notes,
+    )
+    write_manifest(out_fs, out_root, {
+        **base,
+        "state": state,
+        "exit_code": code,
+        "counts": {"rows": rows, "status": tot["status"], "routes": tot["routes"], "error_rate": error_rate,
+                   "shards_complete": len(markers), "shards_total": len(shards)},
+        "failures": [{"shard": r, "error": m} for r, m in report.failures],
+        "run": {"wall_s": round(wall, 3), "startup_s": round(report.startup_s, 3), "rows": rows_run,
+                "items_per_s": round(rows_run / busy, 3), "shards_run": len(report.results),
+                "shards_skipped": skipped, "retries": report.retries, "workers": report.workers,
+                "executor": cfg.executor},
+    })
+    # 9. The HTML report: local outputs only (it embeds images read back from OUT); it never fails the job
+    summary.notes.append(_write_report(out_fs, out_root))
+    return summary
+
+
+def _write_report(out_fs: Any, out_root: str) -> str:
+    import pyarrow.fs as pafs
+
+    if not isinstance(out_fs, pafs.LocalFileSystem):
+        return f"report: not written for a remote OUT; run `grefine-curate report` on a local copy"
+    try:
+        from grefine_curate.pipelines.report import write_report
+
+        return f"report: {write_report(out_root)}"
+    except Exception as e:  # noqa: BLE001 - the outputs are complete; a report problem is only a note
+        return f"report: not written ({type(e).__name__}: {e})"
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The documented exit code for an exception escaping ``run_job`` (for the CLI's error edge)."""
+    if isinstance(exc, (ConfigError, InputError)):
+        return EXIT_USAGE
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    return EXIT_FAILURE
+
+
+__all__ = ["JobConfig", "JobSummary", "run_job", "exit_code_for", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE",
+           "EXIT_ERROR_RATE", "EXIT_INTERRUPTED"]

@@ -1,0 +1,371 @@
+"""Data sources of the curation job: Parquet shards and image folders, found through ``pyarrow.fs``.
+
+A *shard* is the unit of work, of retry and of resume. A Parquet input gives one shard per file
+(a file, a directory searched recursively, or a glob); an image folder is cut into shards of
+``folder_shard_size`` images in sorted path order. Prompts of a folder come from sidecar ``.txt``
+files or from ``metadata.jsonl`` / ``metadata.csv`` (``file_name`` + ``text``, the Hugging Face
+imagefolder convention).
+
+Everything here reads metadata only (file listings, Parquet footers): the whole input is checked
+(columns present, types usable, no output-name clash) before any image is touched, so a bad
+command fails in seconds with a message that names the problem (exit code 2).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import posixpath
+import re
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from grefine_curate.curate.errors import InputError
+
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes")
+PROMPT_COLUMN_CANDIDATES = ("prompt", "text", "caption", "txt")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+TMP_MARK = ".grefine-tmp-"  # temporary output files carry this in their name (never read as input)
+STATE_DIR = "_grefine"  # job state under OUT: manifest, shard markers
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """Which columns hold the image, the prompt and the id (None = detect / default)."""
+
+    image: str | None = None  # None: first of IMAGE_COLUMN_CANDIDATES present
+    prompt: str | None = None  # None: first of PROMPT_COLUMN_CANDIDATES present, else PQ only
+    id: str | None = None  # None: "<shard relative path>#<row index>"
+
+
+@dataclass
+class FolderItem:
+    rel: str  # path of the image relative to the folder root (POSIX separators)
+    prompt: str | None
+
+
+@dataclass
+class Shard:
+    """One unit of work. Picklable: it travels to Ray actors."""
+
+    kind: str  # "parquet" | "folder"
+    fs: pafs.FileSystem
+    path: str  # parquet: the file; folder: the folder root
+    rel: str  # output name relative to OUT (parquet: same relative path; folder: scores/<name>-NNNNN.parquet)
+    num_rows: int
+    source_key: str  # changes when the input changes (size/mtime/listing): resume recomputes then
+    image_column: str | None = None  # parquet only (resolved)
+    image_is_struct: bool = False  # Hugging Face {bytes, path} struct
+    prompt_column: str | None = None
+    id_column: str | None = None
+    items: list[FolderItem] = field(default_factory=list)  # folder only
+
+    @property
+    def label(self) -> str:
+        return self.rel
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
+
+
+def resolve_fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or any URI pyarrow supports (s3://, gs://, hdfs://, file://)."""
+    if "://" in uri:
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+            raise InputError(f"cannot open {uri!r}: {e} (is the URI scheme supported by this pyarrow build?)") from e
+    import os
+
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)).replace("\\", "/")
+
+
+def join(base: str, rel: str) -> str:
+    return posixpath.join(base.rstrip("/"), rel) if base else rel
+
+
+def safe_relpath(rel: str) -> str:
+    """A relative output path that cannot leave its root: no absolute part, no '..', no empty parts.
+
+    Output names derive from input file names and ids, which are data: '../../etc/x', 'C:\\x' or
+    '/abs' must never write outside OUT. Unsafe parts are dropped; odd characters are replaced.
+    """
+    parts = []
+    for part in re.split(r"[\\/]+", rel):
+        part = part.strip()
+        if part in ("", ".", ".."):
+            continue
+        part = re.sub(r"[\x00-\x1f:*?\"<>|]", "_", part)  # control chars and Windows-reserved ones
+        parts.append(part)
+    if not parts:
+        raise InputError(f"cannot derive a safe output name from {rel!r}")
+    return "/".join(parts)
+
+
+def _is_hidden_or_state(rel: str) -> bool:
+    return any(p.startswith((".", "_")) for p in rel.split("/")) or TMP_MARK in rel
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """Glob to regex: '**' spans directories, '*' and '?' stay within one path part."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif c == "*":
+            out.append("[^/]*")
+            i += 1
+        elif c == "?":
+            out.append("[^/]")
+            i += 1
+        elif c == "[":
+            j = pattern.find("]", i + 1)
+            if j < 0:
+                out.append(re.escape(c))
+                i += 1
+            else:
+                body = pattern[i + 1 : j].replace("\\", "\\\\")
+                if body.startswith("!"):
+                    body = "^" + body[1:]
+                out.append(f"[{body}]")
+                i = j + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _list_files(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return [i for i in infos if i.type == pafs.FileType.File]
+
+
+def _rel(root: str, path: str) -> str:
+    return posixpath.relpath(path, root) if root else path
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet
+
+
+def _parquet_shard(fs: pafs.FileSystem, info: pafs.FileInfo, rel: str, columns: ColumnSpec) -> Shard:
+    try:
+        with fs.open_input_file(info.path) as f:
+            meta = pq.ParquetFile(f).metadata
+            schema = meta.schema.to_arrow_schema()
+            num_rows = meta.num_rows
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"{info.path}: not a readable Parquet file ({e}); remove it from the input or repair it") from e
+    names = schema.names
+    found = ", ".join(f"{n} ({schema.field(n).type})" for n in names)
+
+    def pick(explicit: str | None, candidates: tuple[str, ...], what: str, option: str) -> str | None:
+        if explicit is not None:
+            if explicit not in names:
+                raise InputError(
+                    f"{info.path}: no {what} column {explicit!r}; columns found: {found}. Pass {option} with one of them."
+                )
+            return explicit
+        return next((c for c in candidates if c in names), None)
+
+    image_col = pick(columns.image, IMAGE_COLUMN_CANDIDATES, "image", "--image-column")
+    if image_col is None:
+        raise InputError(
+            f"{info.path}: no image column found (looked for {', '.join(IMAGE_COLUMN_CANDIDATES)}); "
+            f"columns found: {found}. Pass --image-column NAME."
+        )
+    itype = schema.field(image_col).type
+    is_struct = pa.types.is_struct(itype)
+    if is_struct:
+        child_names = [itype.field(i).name for i in range(itype.num_fields)]
+        if "bytes" not in child_names or not _is_binary(itype.field("bytes").type):
+            raise InputError(
+                f"{info.path}: image column {image_col!r} is a struct without a binary 'bytes' field "
+                f"({itype}); expected raw bytes or the Hugging Face {{bytes, path}} struct."
+            )
+    elif not _is_binary(itype):
+        raise InputError(
+            f"{info.path}: image column {image_col!r} has type {itype}; expected binary (encoded image bytes) "
+            f"or the Hugging Face {{bytes, path}} struct. Columns found: {found}."
+        )
+    prompt_col = pick(columns.prompt, PROMPT_COLUMN_CANDIDATES, "prompt", "--prompt-column")
+    if prompt_col is not None:
+        ptype = schema.field(prompt_col).type
+        if not (pa.types.is_string(ptype) or pa.types.is_large_string(ptype) or pa.types.is_null(ptype)):
+            raise InputError(f"{info.path}: prompt column {prompt_col!r} has type {ptype}; expected string.")
+    id_col = pick(columns.id, (), "id", "--id-column")
+    source_key = f"{info.size}:{info.mtime_ns}"
+    return Shard(kind="parquet", fs=fs, path=info.path, rel=rel, num_rows=num_rows, source_key=source_key,
+                 image_column=image_col, image_is_struct=is_struct, prompt_column=prompt_col, id_column=id_col)
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t) or (
+        hasattr(pa.types, "is_binary_view") and pa.types.is_binary_view(t)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders
+
+
+def _read_text(fs: pafs.FileSystem, path: str) -> str:
+    with fs.open_input_stream(path) as f:
+        return f.read().decode("utf-8", errors="replace")
+
+
+def _folder_prompts(fs: pafs.FileSystem, root: str, files: dict[str, pafs.FileInfo], prompt_key: str | None) -> dict[str, str | None]:
+    """Prompt per image rel path: metadata.jsonl / metadata.csv (any folder level), else sidecar .txt."""
+    prompts: dict[str, str | None] = {}
+    keys = (prompt_key,) if prompt_key else PROMPT_COLUMN_CANDIDATES
+    for rel in sorted(files):
+        base = posixpath.basename(rel)
+        if base not in METADATA_FILES:
+            continue
+        where = posixpath.dirname(rel)
+        text = _read_text(fs, files[rel].path)
+        if base.endswith(".jsonl"):
+            rows = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{files[rel].path}: line {n} is not valid JSON ({e})") from e
+        else:
+            rows = list(csv.DictReader(io.StringIO(text)))
+        for row in rows:
+            if not isinstance(row, dict) or "file_name" not in row:
+                raise InputError(f"{files[rel].path}: every row needs a 'file_name' (Hugging Face imagefolder convention)")
+            key = next((k for k in keys if k in row), None)
+            if key is None and prompt_key:
+                raise InputError(f"{files[rel].path}: no prompt field {prompt_key!r}; fields found: {', '.join(row)}")
+            target = posixpath.normpath(join(where, str(row["file_name"]).replace("\\", "/")))
+            prompts[target] = None if key is None or row[key] is None else str(row[key])
+    for rel in files:
+        if rel.lower().endswith(IMAGE_EXTENSIONS) and rel not in prompts:
+            sidecar = posixpath.splitext(rel)[0] + ".txt"
+            if sidecar in files:
+                prompts[rel] = _read_text(fs, files[sidecar].path).strip()
+    return prompts
+
+
+def _folder_shards(fs: pafs.FileSystem, root: str, infos: list[pafs.FileInfo], name: str,
+                   columns: ColumnSpec, shard_size: int, only: set[str] | None = None) -> list[Shard]:
+    """Shards of an image folder; ``infos`` lists every file under ``root`` (sidecars, metadata),
+    ``only`` restricts the images to these rel paths (a glob or a single file)."""
+    files = {_rel(root, i.path): i for i in infos}
+    files = {r: i for r, i in files.items() if not _is_hidden_or_state(r)}
+    images = sorted(r for r in files if r.lower().endswith(IMAGE_EXTENSIONS) and (only is None or r in only))
+    if not images:
+        return []
+    prompts = _folder_prompts(fs, root, files, columns.prompt)
+    shards = []
+    for k in range(0, len(images), shard_size):
+        chunk = images[k : k + shard_size]
+        items = [FolderItem(rel=r, prompt=prompts.get(r)) for r in chunk]
+        digest = hashlib.sha256()
+        for it in items:
+            info = files[it.rel]
+            digest.update(f"{it.rel}\0{info.size}\0{info.mtime_ns}\0{it.prompt}\n".encode())
+        shards.append(Shard(kind="folder", fs=fs, path=root, rel=f"scores/{safe_relpath(name)}-{k // shard_size:05d}.parquet",
+                            num_rows=len(items), source_key=digest.hexdigest()[:16], items=items))
+    return shards
+
+
+# ---------------------------------------------------------------------------------------------
+# Discovery
+
+
+def discover(inputs: list[str], columns: ColumnSpec = ColumnSpec(), out: str | None = None,
+             folder_shard_size: int = 1000) -> list[Shard]:
+    """All shards of the inputs, in input order, checked (columns, types, output names) before any work.
+
+    Raises InputError for an empty input, a missing column (naming the columns found), an unreadable
+    Parquet footer, or two inputs whose outputs would land on the same path.
+    """
+    if not inputs:
+        raise InputError("no input given: pass one or more Parquet files, directories, globs or image folders")
+    out_path = resolve_fs(out)[1].rstrip("/") if out else None
+    shards: list[Shard] = []
+    for uri in inputs:
+        fs, path = resolve_fs(uri)
+        found = _discover_one(fs, path, uri, columns, out_path, folder_shard_size)
+        if not found:
+            raise InputError(
+                f"{uri}: no input found (no .parquet files and no images with extensions "
+                f"{', '.join(IMAGE_EXTENSIONS)}); check the path"
+            )
+        shards.extend(found)
+    seen: dict[str, str] = {}
+    for s in shards:
+        keys = [s.rel] + [f"images/{safe_relpath(it.rel)}" for it in s.items]
+        for key in keys:
+            if key in seen and seen[key] != s.path:
+                raise InputError(
+                    f"two inputs map to the same output {key!r}: {seen[key]} and {s.path}; "
+                    "run them into separate --out directories"
+                )
+            seen[key] = s.path
+    return shards
+
+
+def _inside(path: str, root: str | None) -> bool:
+    return bool(root) and (path == root or path.startswith(root + "/"))
+
+
+def _discover_one(fs: pafs.FileSystem, path: str, uri: str, columns: ColumnSpec, out_path: str | None,
+                  folder_shard_size: int) -> list[Shard]:
+    if any(c in path for c in "*?["):
+        parts = path.split("/")
+        k = next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))
+        base = "/".join(parts[:k]) or "/"
+        rx = _glob_regex(path)
+        try:
+            infos = [i for i in _list_files(fs, base) if rx.match(i.path)]
+        except FileNotFoundError:
+            infos = []
+        infos = [i for i in infos if not _inside(i.path, out_path) and not _is_hidden_or_state(_rel(base, i.path))]
+        infos = sorted(infos, key=lambda i: i.path)
+        pq_infos = [i for i in infos if i.path.endswith(".parquet")]
+        if pq_infos:
+            return [_parquet_shard(fs, i, safe_relpath(_rel(base, i.path)), columns) for i in pq_infos]
+        only = {_rel(base, i.path) for i in infos if i.path.lower().endswith(IMAGE_EXTENSIONS)}
+        if not only:
+            return []
+        every = [i for i in _list_files(fs, base) if not _inside(i.path, out_path)]
+        return _folder_shards(fs, base, every, posixpath.basename(base.rstrip("/")) or "images", columns,
+                              folder_shard_size, only)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"{uri}: no such file or directory")
+    if info.type == pafs.FileType.File:
+        if path.endswith(".parquet"):
+            return [_parquet_shard(fs, info, safe_relpath(posixpath.basename(path)), columns)]
+        if path.lower().endswith(IMAGE_EXTENSIONS):
+            parent = posixpath.dirname(path)
+            every = fs.get_file_info(pafs.FileSelector(parent, recursive=False))
+            every = [i for i in every if i.type == pafs.FileType.File]
+            return _folder_shards(fs, parent, every, posixpath.splitext(posixpath.basename(path))[0], columns,
+                                  folder_shard_size, {posixpath.basename(path)})
+        raise InputError(f"{uri}: not a .parquet file, an image or a directory")
+    infos = [i for i in _list_files(fs, path) if not _inside(i.path, out_path)]
+    infos = [i for i in infos if not _is_hidden_or_state(_rel(path, i.path))]
+    pq_infos = sorted((i for i in infos if i.path.endswith(".parquet")), key=lambda i: i.path)
+    if pq_infos:
+        return [_parquet_shard(fs, i, safe_relpath(_rel(path, i.path)), columns) for i in pq_infos]
+    name = posixpath.basename(path.rstrip("/")) or "images"
+    return _folder_shards(fs, path, infos, name, columns, folder_shard_size)

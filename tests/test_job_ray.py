@@ -1,0 +1,53 @@
+"""The curation job on Ray (the session's one local Ray instance): same output as the local
+executor, and a worker dying mid-shard is replaced, its shard retried, and the job finishes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from grefine_curate.pipelines import columns as C
+from grefine_curate.pipelines.job import JobConfig, run_job
+from grefine_curate.pipelines.sources import TMP_MARK
+from job_corpus import write_dataset, write_folder
+
+pytestmark = pytest.mark.ray
+
+SHARDS = ["part-a/shard-000.parquet", "part-a/shard-002.parquet", "part-b/shard-001.parquet"]
+
+
+def test_ray_matches_local_and_survives_a_worker_death(tmp_path, ray_session, monkeypatch):
+    inp = tmp_path / "in"
+    write_dataset(str(inp), shards=3, rows=4)
+    write_folder(str(tmp_path / "in-folder"), n=3)
+    sentinel = tmp_path / "died-once"
+    monkeypatch.setenv("GREFINE_TEST_DIE_ONCE", str(sentinel))  # forwarded to the actors' environment
+    common = dict(inputs=[str(inp), str(tmp_path / "in-folder")], preset="tiny", mode="score", batch_size=2,
+                  quiet=True, save_maps=True, keep_images=True)
+    ray_sum = run_job(JobConfig(out=str(tmp_path / "ray"), executor="ray", workers=2, **common))
+    assert sentinel.exists(), "the test hook did not fire: no worker died"
+    assert ray_sum.exit_code == 0, ray_sum.lines()
+    assert ray_sum.retries == 1 and ray_sum.shards_run == 4 and ray_sum.rows == 15
+    assert not [f for _, _, fs in os.walk(tmp_path / "ray") for f in fs if TMP_MARK in f]
+    man = json.loads((tmp_path / "ray" / "_grefine" / "manifest.json").read_text())
+    assert man["run"]["executor"] == "ray" and man["run"]["workers"] == 2 and man["run"]["retries"] == 1
+
+    monkeypatch.delenv("GREFINE_TEST_DIE_ONCE")
+    local_sum = run_job(JobConfig(out=str(tmp_path / "local"), executor="local", **common))
+    assert local_sum.exit_code == 0
+    for rel in SHARDS + ["scores/in-folder-00000.parquet"]:
+        r = pq.read_table(tmp_path / "ray" / rel)
+        loc = pq.read_table(tmp_path / "local" / rel)
+        if rel in SHARDS:
+            assert r.column(C.ID).to_pylist() == [f"{rel}#{i}" for i in range(4)]  # exactly once, in order
+            assert r.column("image").to_pylist() == pq.read_table(inp / rel).column("image").to_pylist()
+        assert r.column(C.ID).to_pylist() == loc.column(C.ID).to_pylist()
+        for col in (C.PQ_SCORE, C.AQ_SCORE):
+            assert r.column(col).to_pylist() == pytest.approx(loc.column(col).to_pylist(), rel=1e-4, abs=1e-6)
+        assert r.column(C.UNMATCHED).to_pylist() == loc.column(C.UNMATCHED).to_pylist()
+    # The folder's images are mirrored (score mode copies them only with keep_images)
+    for rel in ("img_00.png", "sub/img_01.jpg", "img_02.jpg"):
+        assert (tmp_path / "ray" / "images" / rel).read_bytes() == (tmp_path / "in-folder" / rel).read_bytes()
