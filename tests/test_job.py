@@ -110,7 +110,7 @@ def test_refine_output_contract(tmp_path):
     assert summary.exit_code == 0, summary.lines()
     rels = ["hf.parquet", "part-a/shard-000.parquet", "part-b/shard-001.parquet"]
     assert files_under(tmp_path / "out") == sorted(
-        rels + ["_grefine/manifest.json"] + [f"_grefine/shards/{r}.json" for r in rels])
+        rels + ["_grefine/manifest.json", "report.html"] + [f"_grefine/shards/{r}.json" for r in rels])
     for rel in rels:
         src = pq.read_table(tmp_path / "in" / rel)
         out = pq.read_table(tmp_path / "out" / rel)

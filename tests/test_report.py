@@ -362,7 +362,9 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert facts["decoded"] == facts["images"]
     assert sorted(facts["thresholds"]) == ["light_a", "light_p", "skip_a", "skip_p"]
     # drawn from the run's resolved config (the fixture overrides skip_p and light_p)
-    assert facts["thresholdLabels"] == ["skip_p 0.75", "light_p 0.4", "skip_a 0.7", "light_a 0.5"]
+    tiny_routing = load_preset("tiny").routing  # the fixture overrides skip_p and light_p only
+    assert facts["thresholdLabels"] == ["skip_p 0.75", "light_p 0.4", f"skip_a {tiny_routing.skip_a:g}",
+                                        f"light_a {tiny_routing.light_a:g}"]
     assert facts["histBars"] > 0 and facts["histWidth"] > 300
     assert facts["phrases"][0] == ["red sofa", 3]
     assert "tiny/random" in facts["models"]

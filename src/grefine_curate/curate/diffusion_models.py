@@ -208,6 +208,7 @@ def build_tiny_pipelines(seed: int = 0) -> tuple[Any, Any]:
             down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
             up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
             latent_channels=4, sample_size=64, norm_num_groups=32,
+            force_upcast=False,  # fp32 already; upcasting would only re-cast it and log a warning per call
         )
         text_cfg = CLIPTextConfig(**TINY_TEXT)
         text_encoder = CLIPTextModel(text_cfg)
