@@ -57,3 +57,14 @@ def test_local_checkpoint_round_trip(tmp_path, tiny_preset):
 def test_openai_vit_b16_loads():
     bundle = load_clip(ClipConfig())
     assert bundle.name == "ViT-B-16-quickgelu/openai"
+
+
+def test_unreachable_hub_fails_fast_without_offline_flag(tmp_path, monkeypatch):
+    """No HF_HUB_OFFLINE and no network: a probe of the hub decides in seconds (no minute of retries)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens, refused at once
+    start = time.monotonic()
+    with pytest.raises(ModelUnavailableError) as e:
+        load_clip(ClipConfig(model="ViT-B-16-quickgelu", pretrained="openai"), models_dir=tmp_path)
+    assert time.monotonic() - start < 10
+    assert "cannot be reached" in str(e.value)

@@ -20,6 +20,7 @@ import torch
 
 from grefine_curate.curate.config import ClipConfig
 from grefine_curate.curate.errors import ModelUnavailableError
+from grefine_curate.curate.hub import downloads_allowed, why_no_download
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -80,10 +81,6 @@ def build_tiny_clip(seed: int = 0) -> Any:
     return model
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-
-
 def _fetch_pretrained(model: str, tag: str, cache_dir: str | None) -> str:
     """Return a local file for open_clip's (model, tag), from the HF cache or by download."""
     import open_clip
@@ -108,7 +105,7 @@ def _fetch_pretrained(model: str, tag: str, cache_dir: str | None) -> str:
             return hf_hub_download(repo, filename, cache_dir=cache_dir, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - any miss means "not cached"
             errors.append(f"{filename}: {type(e).__name__}")
-    if not _offline():
+    if downloads_allowed():
         for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
             try:
                 return hf_hub_download(repo, filename, cache_dir=cache_dir, etag_timeout=5)
@@ -117,7 +114,7 @@ def _fetch_pretrained(model: str, tag: str, cache_dir: str | None) -> str:
     where = cache_dir or os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
     raise ModelUnavailableError(
         f"CLIP weights {model}/{tag} (Hugging Face repo {repo}) are not available: looked in the "
-        f"Hugging Face cache at {where}{' (HF_HUB_OFFLINE is set, no download tried)' if _offline() else ''}. "
+        f"Hugging Face cache at {where}{'' if downloads_allowed() else f' ({why_no_download()})'}. "
         f"Provide them with `grefine-curate models pull PRESET --to DIR` on a machine with internet "
         f"and pass `--models-dir DIR`, or set `clip.checkpoint` to a local checkpoint file. "
         f"({'; '.join(errors)})"

@@ -52,6 +52,7 @@ import torch
 from grefine_curate.curate.clip_models import resolve_device, resolve_dtype
 from grefine_curate.curate.config import RefinerConfig
 from grefine_curate.curate.errors import ConfigError, ModelUnavailableError
+from grefine_curate.curate.hub import downloads_allowed, hub_offline, why_no_download  # noqa: F401 (hub_offline re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,6 @@ _STAGE_FOLDERS = {
     },
 }
 _WEIGHT_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
-
-
-def hub_offline() -> bool:
-    """True when HF_HUB_OFFLINE asks for no network access."""
-    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def hf_cache_location(models_dir: str | os.PathLike | None) -> str:
@@ -321,7 +317,7 @@ def build_random_pipelines(kind: str, device: torch.device, dtype: torch.dtype) 
 def _how_to_provide(kind: str, where: str) -> str:
     return (
         f"Looked in the Hugging Face cache at {where}"
-        f"{' (HF_HUB_OFFLINE is set, so no download was tried)' if hub_offline() else ''}. "
+        f"{'' if downloads_allowed() else f' ({why_no_download()})'}. "
         f"Provide the weights with `grefine-curate models pull PRESET --to DIR` (e.g. PRESET = {kind}) on a "
         f"machine with internet, "
         f"copy DIR here and pass `--models-dir DIR`; or set the model id in the preset to a local diffusers "
@@ -351,7 +347,7 @@ def _from_pretrained(cls: Any, model: str, role: str, kind: str, models_dir: str
         return None
 
     pipe = attempt(local_only=True)
-    if pipe is None and not is_local and not hub_offline():
+    if pipe is None and not is_local and downloads_allowed():
         pipe = attempt(local_only=False)
     if pipe is not None:
         return pipe

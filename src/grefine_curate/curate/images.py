@@ -81,7 +81,10 @@ def decode_image(
         raise ImageError(f"{name}: image is empty (zero bytes)")
     try:
         img = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except UnidentifiedImageError as e:
+        head = data[:8].hex(" ")
+        raise ImageError(f"{name}: not a readable image (no known image format; first bytes {head})") from e
+    except (OSError, ValueError) as e:
         raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
     try:
         w, h = img.size

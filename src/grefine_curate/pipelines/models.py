@@ -23,6 +23,7 @@ from grefine_curate.curate.config import Preset, available_presets, load_preset
 from grefine_curate.curate.diffusion_models import (_WEIGHT_FOLDERS, RepoNeed, hf_cache_location, hub_offline,
                                                     weight_manifest)
 from grefine_curate.curate.errors import ModelUnavailableError
+from grefine_curate.curate.hub import hub_reachable
 
 CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
@@ -76,6 +77,12 @@ def pull_models(preset: str | Preset, to_dir: str | os.PathLike) -> list[str]:
         raise ModelUnavailableError(
             f"`models pull {p.name}` needs internet, but HF_HUB_OFFLINE is set. Unset it (HF_HUB_OFFLINE=0) on a "
             f"machine that can reach the Hugging Face Hub, pull there, and copy {to} here (then --models-dir {to})."
+        )
+    if not hub_reachable():
+        raise ModelUnavailableError(
+            f"`models pull {p.name}` needs internet, but the Hugging Face Hub cannot be reached from this machine "
+            f"(HF_ENDPOINT={os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}). Pull on a machine that can "
+            f"reach it and copy {to} here (then --models-dir {to})."
         )
     Path(to).mkdir(parents=True, exist_ok=True)
     fetched = []
