@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance shared by every test that needs it (start-up costs ~4 s and ~650 MB)."""
-    ray = pytest.importorskip("ray")
+    import ray
     if not ray.is_initialized():
         tmp = tempfile.mkdtemp(prefix="grefine-ray-")
         ray.init(

@@ -172,7 +172,6 @@ def test_image_folder_with_metadata(tmp_path, tiny_preset):
 
 
 def test_end_to_end_tiny_preset(parquet_data, tiny_preset):
-    pytest.importorskip("grefine_curate.curate.scorer", reason="curate/scorer.py (QualityScorer) not written yet")
     rep = ev.evaluate([str(parquet_data)], "mos", "align_mos", preset="tiny", batch_size=8, n_bootstrap=100,
                       progress=False)
     blob = json.loads(json.dumps(rep.to_json()))

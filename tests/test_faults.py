@@ -88,7 +88,6 @@ def test_bad_input_corpus_becomes_error_rows(tmp_path):
 
 
 def test_refine_routes_promptless_items_by_pq_alone(tmp_path):
-    pytest.importorskip("grefine_curate.curate.refiner")
     corpus = write_bad_shard(str(tmp_path / "in" / "bad.parquet"))
     keep = {"good-jpeg", "null", "null-prompt", "empty-prompt"}
     import pyarrow as pa
@@ -148,3 +147,29 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_shards(tmp_path):
     assert summary.exit_code == 0 and summary.shards_skipped == man["counts"]["shards_complete"]
     _assert_exactly_once(inp, out, ["part-a/shard-000.parquet", "part-a/shard-002.parquet",
                                     "part-b/shard-001.parquet", "part-b/shard-003.parquet"])
+
+
+def test_an_output_that_cannot_be_encoded_is_an_error_row_not_a_failed_shard(tmp_path, monkeypatch):
+    """Step 4b encodes per item: an encoder failure (e.g. WebP's size limit) marks that row only."""
+    from grefine_curate.pipelines import processor
+
+    real = processor.encode_image
+    calls = {"n": 0}
+
+    def flaky(img, fmt="PNG", quality=95):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("encoder refused the image")
+        return real(img, fmt, quality)
+
+    monkeypatch.setattr(processor, "encode_image", flaky)
+    write_dataset(str(tmp_path / "in"), shards=1, rows=4)
+    summary = run_job(JobConfig(inputs=[str(tmp_path / "in")], out=str(tmp_path / "out"), preset="tiny",
+                                executor="local", quiet=True, batch_size=4,
+                                overrides={"routing": {"skip_a": 1.0, "light_a": 1.0}}))  # every item: full
+    assert summary.exit_code in (0, 3)
+    rows = pq.read_table(tmp_path / "out" / "part-a" / "shard-000.parquet").to_pylist()
+    errors = [r for r in rows if r[C.STATUS] == "error"]
+    assert len(rows) == 4 and len(errors) == 1 and "encoding the output" in errors[0][C.ERROR]
+    src = pq.read_table(tmp_path / "in" / "part-a" / "shard-000.parquet").to_pylist()
+    assert errors[0]["image"] == src[rows.index(errors[0])]["image"]  # the original bytes kept

@@ -101,7 +101,6 @@ def test_hf_struct_column_gets_refined_bytes_and_keeps_its_path(tmp_path):
 
 
 def test_refine_output_contract(tmp_path):
-    pytest.importorskip("grefine_curate.curate.refiner")
     from grefine_curate.curate.refiner import item_seed
 
     write_dataset(str(tmp_path / "in"), shards=2, rows=2)
@@ -164,7 +163,6 @@ def test_score_mode_writes_ids_prompts_scores_and_compact_maps(tmp_path):
 
 
 def test_folder_input_mirrors_images_and_writes_scores(tmp_path):
-    pytest.importorskip("grefine_curate.curate.refiner")
     rels = write_folder(str(tmp_path / "imgs"), n=3)
     summary = run_job(job(tmp_path, [tmp_path / "imgs"], folder_shard_size=2))
     assert summary.exit_code == 0, summary.lines()

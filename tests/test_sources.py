@@ -131,3 +131,45 @@ def test_safe_relpath_never_leaves_the_root():
     assert safe_relpath("ok/./name.jpg") == "ok/name.jpg"
     with pytest.raises(InputError):
         safe_relpath("../..")
+
+
+def test_underscore_names_are_data_not_state(tmp_path):
+    """Camera names like _DSC0001.jpg and folders like _sub/ are images; only _grefine/ is ours."""
+    folder = tmp_path / "imgs"
+    (folder / "_sub").mkdir(parents=True)
+    for rel in ("_DSC0001.jpg", "y.jpg", "_sub/z.jpg"):
+        (folder / rel).write_bytes(jpeg(1))
+    (folder / ".thumb.jpg").write_bytes(jpeg(2))
+    shards = discover([str(folder)])
+    assert sorted(it.rel for s in shards for it in s.items) == ["_DSC0001.jpg", "_sub/z.jpg", "y.jpg"]
+
+
+def test_folder_with_parquet_and_images_is_refused(tmp_path):
+    write_dataset(str(tmp_path / "mixed"), shards=1, rows=2)
+    (tmp_path / "mixed" / "photo.jpg").write_bytes(jpeg(3))
+    with pytest.raises(InputError, match="both Parquet files .* and image files"):
+        discover([str(tmp_path / "mixed")])
+
+
+def test_nested_output_of_an_earlier_job_is_skipped(tmp_path, caplog):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(jpeg(4))
+    earlier = folder / "out"  # `score imgs --out imgs/out` wrote here
+    (earlier / "_grefine").mkdir(parents=True)
+    (earlier / "_grefine" / "manifest.json").write_text("{}")
+    (earlier / "scores").mkdir()
+    (earlier / "scores" / "imgs-00000.parquet").write_bytes(b"not read")
+    with caplog.at_level("WARNING"):
+        shards = discover([str(folder)])
+    assert [it.rel for s in shards for it in s.items] == ["a.jpg"]
+    assert "output of an earlier grefine-curate job" in caplog.text
+
+
+def test_an_earlier_output_folder_itself_is_a_valid_input(tmp_path):
+    """Chaining jobs: OUT of one run is the input of the next."""
+    earlier = tmp_path / "refined"
+    write_dataset(str(earlier), shards=1, rows=2)
+    (earlier / "_grefine").mkdir()
+    (earlier / "_grefine" / "manifest.json").write_text("{}")
+    assert [s.num_rows for s in discover([str(earlier)])] == [2]

@@ -60,12 +60,18 @@ def _fail(message: str, code: int) -> None:
 
 
 def _preset(name: str, config: Path | None, extra: dict | None = None):
-    from grefine_curate.curate.config import _merge, load_override_file, load_preset
+    from grefine_curate.curate.config import resolve_preset
 
-    overrides = load_override_file(config) if config else {}
-    if extra:
-        overrides = _merge(overrides, extra)
-    return load_preset(name, overrides or None)
+    return resolve_preset(name, config, extra)
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write an output file of a single-image command, creating its folder; errors name the path."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    except OSError as e:
+        _fail(f"cannot write {path}: {e.strerror or e}", EXIT_USAGE)
 
 
 def _print_json(obj) -> None:
@@ -112,7 +118,7 @@ def pq(
     img = _load_one(image, cfg)
     result = _scorer(cfg, models_dir).score_pq([img])[0]
     if save_map:
-        save_map.write_bytes(map_to_png(result.P))
+        _write(save_map, map_to_png(result.P))
     if as_json:
         _print_json({"image": str(image), "p": result.p, "factors": result.factors,
                      "width": img.width, "height": img.height, "map": str(save_map) if save_map else None})
@@ -144,7 +150,7 @@ def aq(
     if result is None:
         _fail("the prompt is empty after cleaning; AQ-Map needs text", EXIT_USAGE)
     if save_map:
-        save_map.write_bytes(map_to_png(result.A))
+        _write(save_map, map_to_png(result.A))
     if as_json:
         _print_json({"image": str(image), "prompt": prompt, **result.to_json(), "map": str(save_map) if save_map else None})
         return
@@ -239,10 +245,9 @@ def refine(
         score_prompt=prompt,  # the guard compares against the original prompt, not the emphasised one
     )
     outcome = refiner.refine([item])[0]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(encode_png(outcome.image))
+    _write(out, encode_png(outcome.image))
     if save_mask and outcome.mask is not None:
-        save_mask.write_bytes(map_to_png(np.asarray(outcome.mask, dtype=np.float32)))
+        _write(save_mask, map_to_png(np.asarray(outcome.mask, dtype=np.float32)))
     report = {
         "image": str(image), "out": str(out), "route": outcome.route, "seed": item.seed,
         "p": res.pq.p, "a": item.a, "p_after": outcome.p_after, "a_after": outcome.a_after,
@@ -389,7 +394,7 @@ InputsArg = Annotated[list[str], typer.Argument(help="Parquet shards (file, dire
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 ExecutorOpt = Annotated[str, typer.Option("--executor", help="ray (default; local instance or a cluster) or local (in-process).")]
 AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance).")]
-WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="Ray actors (default: one per GPU, else 1 CPU worker).")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="Ray actors (default: one per GPU; on a CPU-only cluster its CPUs // 4, at least 1).")]
 GpusOpt = Annotated[float, typer.Option("--gpus-per-worker", help="GPUs per Ray actor (fractions share a GPU).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per model batch.")]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Process only the first N items (for trials).")]

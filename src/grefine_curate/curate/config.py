@@ -228,3 +228,15 @@ def load_override_file(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
+
+
+def resolve_preset(
+    name_or_path: str = "sdxl",
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Preset:
+    """A preset, then a user's ``--config FILE.toml`` over it, then programmatic ``overrides`` last."""
+    merged: dict[str, Any] = load_override_file(config_file) if config_file else {}
+    if overrides:
+        merged = _merge(merged, overrides)
+    return load_preset(name_or_path, merged or None)

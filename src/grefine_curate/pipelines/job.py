@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from grefine_curate.curate.config import Preset, load_override_file, load_preset
+from grefine_curate.curate import config
+from grefine_curate.curate.config import Preset
 from grefine_curate.curate.errors import ConfigError, InputError
 from grefine_curate.curate.routing import check_routing
 from grefine_curate.pipelines.executors import ExecReport, Progress, run_local, run_ray
@@ -39,7 +40,7 @@ from grefine_curate.pipelines.manifest import (
 )
 from grefine_curate.pipelines.processor import EngineSpec, ProcessOptions, ShardTask
 from grefine_curate.pipelines.sinks import clean_stale_temporaries
-from grefine_curate.pipelines.sources import ColumnSpec, discover, resolve_fs
+from grefine_curate.pipelines.sources import STATE_DIR, TMP_MARK, ColumnSpec, discover, join, resolve_fs
 
 MODES = ("refine", "score")
 EXECUTORS = ("ray", "local")
@@ -148,14 +149,7 @@ def _check_options(cfg: JobConfig) -> None:
 
 
 def resolve_preset(cfg: JobConfig) -> Preset:
-    overrides: dict[str, Any] = {}
-    if cfg.config_file:
-        overrides = load_override_file(cfg.config_file)
-    if cfg.overrides:
-        from grefine_curate.curate.config import _merge
-
-        overrides = _merge(overrides, cfg.overrides)
-    return load_preset(cfg.preset, overrides or None)
+    return config.resolve_preset(cfg.preset, cfg.config_file, cfg.overrides)
 
 
 def _row_caps(nums: list[int], limit: int | None) -> list[int | None]:
@@ -196,7 +190,16 @@ def run_job(cfg: JobConfig) -> JobSummary:
                          {"image": cfg.image_column, "prompt": cfg.prompt_column, "id": cfg.id_column}, draft)
     fingerprint = config_hash(rcfg)
     check_config(out_fs, out_root, rcfg, cfg.force)
-    out_fs.create_dir(out_root, recursive=True)
+    try:
+        out_fs.create_dir(out_root, recursive=True)
+        write_probe = join(out_root, f"{STATE_DIR}/.write-probe{TMP_MARK}")
+        out_fs.create_dir(join(out_root, STATE_DIR), recursive=True)
+        with out_fs.open_output_stream(write_probe) as f:
+            f.write(b"")
+        out_fs.delete_file(write_probe)
+    except OSError as e:  # fail before any work, not after the first shard
+        raise InputError(f"--out {cfg.out}: cannot create or write the output folder ({e}); "
+                         "choose a writable location") from e
     # 5. Stale temporaries of a killed run
     removed = clean_stale_temporaries(out_fs, out_root)
     # 6. Resume: complete shards are skipped

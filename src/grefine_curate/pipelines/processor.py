@@ -212,6 +212,9 @@ class Item:
     refined: Image.Image | None = None
     p_after: float | None = None
     a_after: float | None = None
+    encoded: bytes | None = None  # the refined image, encoded for the output
+    pq_png: bytes | None = None  # --save-maps: 64x64 P
+    aq_png: bytes | None = None  # --save-maps: 64x64 A
 
 
 def _clean_prompt(p: Any) -> str | None:
@@ -300,6 +303,26 @@ def run_models(items: list[Item], engine: Engine, opts: ProcessOptions) -> None:
     )
 
 
+def encode_outputs(items: list[Item], kind: str, opts: ProcessOptions) -> None:
+    """Step 4b: encode refined images and maps item by item, so one that cannot be encoded (say, wider
+    than WebP allows) becomes an error row instead of failing the shard."""
+    for it in items:
+        if it.error is not None or it.score is None:
+            continue
+        try:
+            if it.refined is not None:
+                fmt = opts.image_format
+                if kind == "folder":  # a folder output keeps each file's own format (and path)
+                    fmt = EXTENSION_FORMATS.get(posixpath.splitext(it.item_id)[1].lower(), opts.image_format)
+                it.encoded = encode_image(it.refined if fmt != "JPEG" else it.refined.convert("RGB"), fmt)
+            if opts.save_maps:
+                it.pq_png = map_png(it.score.pq.P)
+                it.aq_png = map_png(it.score.aq.A) if it.score.aq is not None else None
+        except Exception as e:  # noqa: BLE001 - one bad item never fails its shard
+            it.error = _error_text(it.item_id, "encoding the output", e)
+            it.refined = it.encoded = None
+
+
 # ---------------------------------------------------------------------------------------------
 # Output columns
 
@@ -335,10 +358,8 @@ def _score_columns(items: Sequence[Item], opts: ProcessOptions, refine: bool) ->
     if refine:
         cols[C.SEED] = pa.array([it.seed if k else None for it, k in zip(items, ok)], pa.int64())
     if opts.save_maps:
-        cols[C.PQ_MAP] = pa.array([map_png(it.score.pq.P) if k else None for it, k in zip(items, ok)], pa.binary())
-        cols[C.AQ_MAP] = pa.array(
-            [map_png(it.score.aq.A) if k and it.score.aq is not None else None for it, k in zip(items, ok)], pa.binary()
-        )
+        cols[C.PQ_MAP] = pa.array([it.pq_png if k else None for it, k in zip(items, ok)], pa.binary())
+        cols[C.AQ_MAP] = pa.array([it.aq_png if k else None for it, k in zip(items, ok)], pa.binary())
     return cols
 
 
@@ -396,15 +417,13 @@ def _hf_metadata(meta: dict[bytes, bytes] | None, added: list[pa.Field]) -> dict
     return {**meta, b"huggingface": json.dumps(info).encode()}
 
 
-def _final_bytes(it: Item, fmt: str) -> bytes | None:
-    """The image a row ends with: refined image re-encoded, else the original bytes untouched."""
-    if it.refined is None or it.error is not None:
-        return None
-    return encode_image(it.refined, fmt)
+def _final_bytes(it: Item) -> bytes | None:
+    """The image a row ends with: the refined image as encoded in step 4b, else None (original bytes kept)."""
+    return None if it.error is not None else it.encoded
 
 
-def _replace_image_column(arr: pa.Array, items: Sequence[Item], fmt: str, is_struct: bool) -> pa.Array:
-    new = [_final_bytes(it, fmt) for it in items]
+def _replace_image_column(arr: pa.Array, items: Sequence[Item], is_struct: bool) -> pa.Array:
+    new = [_final_bytes(it) for it in items]
     if all(b is None for b in new):
         return arr  # nothing refined: the original column, zero-copy
     if is_struct:
@@ -551,11 +570,12 @@ def process_shard(task: ShardTask, engine: Engine, opts: ProcessOptions) -> Iter
                 fu.result()
             # 3-4. Models
             run_models(items, engine, opts)
+            encode_outputs(items, shard.kind, opts)
             # 5. Output rows
             out = _output_batch(task, raw_batch, items, schema, opts)
             writer.write(out)
             for item in items:
-                item.image = item.refined = None  # free pixels before the next batch
+                item.image = item.refined = item.encoded = None  # free pixels before the next batch
             for item in items:
                 ok = item.error is None and item.score is not None
                 status[C.STATUS_OK if ok else C.STATUS_ERROR] += 1
@@ -598,8 +618,7 @@ def _output_batch(task: ShardTask, raw_batch: pa.RecordBatch | None, items: list
             if f.name in cols:
                 arrays.append(cols[f.name])
             elif f.name == shard.image_column:
-                arrays.append(_replace_image_column(raw_batch.column(f.name), items, opts.image_format,
-                                                    shard.image_is_struct))
+                arrays.append(_replace_image_column(raw_batch.column(f.name), items, shard.image_is_struct))
             else:
                 arrays.append(raw_batch.column(f.name))
         return pa.RecordBatch.from_arrays(arrays, schema=schema)
@@ -620,10 +639,8 @@ def _write_folder_images(task: ShardTask, items: list[Item], opts: ProcessOption
     root = join(task.out_root, "images")
     for it in items:
         rel = safe_relpath(it.item_id)
-        if it.refined is not None and it.error is None:
-            fmt = EXTENSION_FORMATS.get(posixpath.splitext(rel)[1].lower(), opts.image_format)
-            img = it.refined if fmt != "JPEG" else it.refined.convert("RGB")
-            data = encode_image(img, fmt)
+        if it.encoded is not None and it.error is None:
+            data = it.encoded  # encoded in the file's own format by encode_outputs
         elif it.raw is not None:
             data = it.raw  # unchanged (skip, reverted, score mode, and error rows: the mirror stays complete)
         else:
@@ -633,5 +650,5 @@ def _write_folder_images(task: ShardTask, items: list[Item], opts: ProcessOption
 
 __all__ = [
     "Engine", "EngineSpec", "Item", "ModelEngine", "build_engine", "ProcessOptions", "RefineRequest", "RefineResponse", "ShardResult", "ShardTask",
-    "map_png", "output_schema", "process_shard", "run_models",
+    "encode_outputs", "map_png", "output_schema", "process_shard", "run_models",
 ]

@@ -46,7 +46,7 @@ from grefine_curate.pipelines.sources import (
     IMAGE_COLUMN_CANDIDATES,
     PROMPT_COLUMN_CANDIDATES,
     STATE_DIR,
-    TMP_MARK,
+    is_hidden_or_state,
     join,
     resolve_fs,
     safe_relpath,
@@ -112,8 +112,7 @@ def _list_output_shards(fs: pafs.FileSystem, root: str, manifest: dict[str, Any]
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     for info in sorted(infos, key=lambda i: i.path):
         rel = posixpath.relpath(info.path, root)
-        if (info.type == pafs.FileType.File and rel.endswith(".parquet") and TMP_MARK not in rel
-                and not any(p.startswith((".", "_")) for p in rel.split("/"))):
+        if info.type == pafs.FileType.File and rel.endswith(".parquet") and not is_hidden_or_state(rel):
             shards.append(ShardInfo(rel=rel, path=info.path, input=None))
     return shards
 

@@ -17,6 +17,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp", "image_
 PROMPT_COLUMN_CANDIDATES = ("prompt", "text", "caption", "txt")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+log = logging.getLogger(__name__)
 TMP_MARK = ".grefine-tmp-"  # temporary output files carry this in their name (never read as input)
 STATE_DIR = "_grefine"  # job state under OUT: manifest, shard markers
 
@@ -109,8 +111,34 @@ def safe_relpath(rel: str) -> str:
     return "/".join(parts)
 
 
-def _is_hidden_or_state(rel: str) -> bool:
-    return any(p.startswith((".", "_")) for p in rel.split("/")) or TMP_MARK in rel
+def is_hidden_or_state(rel: str) -> bool:
+    """Hidden files (".x"), our job state (_grefine/) and our temporaries are never input data."""
+    return any(p.startswith(".") or p == STATE_DIR for p in rel.split("/")) or TMP_MARK in rel
+
+
+def _without_nested_outputs(infos: list, root: str) -> list:
+    """Drop the outputs of earlier jobs written inside an input folder (they hold _grefine/manifest.json).
+
+    Reading them back would mix our own score files into the data. The input folder itself may be
+    an earlier output (chaining jobs is fine); only nested ones are skipped, with a warning.
+    """
+    marker = f"/{STATE_DIR}/manifest.json"
+    nested = {i.path[: -len(marker)] for i in infos if i.path.endswith(marker)}
+    nested.discard(root.rstrip("/"))
+    for r in sorted(nested):
+        log.warning("skipping %s: it is the output of an earlier grefine-curate job (it holds %s/manifest.json); "
+                    "pass it as an input of its own to process it", r, STATE_DIR)
+    return [i for i in infos if not any(_inside(i.path, r) for r in nested)]
+
+
+def _refuse_mixed(where: str, pq_infos: list, infos: list) -> None:
+    images = [i for i in infos if i.path.lower().endswith(IMAGE_EXTENSIONS)]
+    if pq_infos and images:
+        raise InputError(
+            f"{where}: holds both Parquet files ({len(pq_infos)}, e.g. {pq_infos[0].path}) and image files "
+            f"({len(images)}, e.g. {images[0].path}); pass the Parquet files and the image folder as separate "
+            "inputs (for example a glob '*.parquet' and a sub-folder)"
+        )
 
 
 def _glob_regex(pattern: str) -> re.Pattern[str]:
@@ -268,7 +296,7 @@ def _folder_shards(fs: pafs.FileSystem, root: str, infos: list[pafs.FileInfo], n
     """Shards of an image folder; ``infos`` lists every file under ``root`` (sidecars, metadata),
     ``only`` restricts the images to these rel paths (a glob or a single file)."""
     files = {_rel(root, i.path): i for i in infos}
-    files = {r: i for r, i in files.items() if not _is_hidden_or_state(r)}
+    files = {r: i for r, i in files.items() if not is_hidden_or_state(r)}
     images = sorted(r for r in files if r.lower().endswith(IMAGE_EXTENSIONS) and (only is None or r in only))
     if not images:
         return []
@@ -338,9 +366,10 @@ def _discover_one(fs: pafs.FileSystem, path: str, uri: str, columns: ColumnSpec,
             infos = [i for i in _list_files(fs, base) if rx.match(i.path)]
         except FileNotFoundError:
             infos = []
-        infos = [i for i in infos if not _inside(i.path, out_path) and not _is_hidden_or_state(_rel(base, i.path))]
+        infos = [i for i in infos if not _inside(i.path, out_path) and not is_hidden_or_state(_rel(base, i.path))]
         infos = sorted(infos, key=lambda i: i.path)
         pq_infos = [i for i in infos if i.path.endswith(".parquet")]
+        _refuse_mixed(uri, pq_infos, infos)
         if pq_infos:
             return [_parquet_shard(fs, i, safe_relpath(_rel(base, i.path)), columns) for i in pq_infos]
         only = {_rel(base, i.path) for i in infos if i.path.lower().endswith(IMAGE_EXTENSIONS)}
@@ -362,9 +391,10 @@ def _discover_one(fs: pafs.FileSystem, path: str, uri: str, columns: ColumnSpec,
             return _folder_shards(fs, parent, every, posixpath.splitext(posixpath.basename(path))[0], columns,
                                   folder_shard_size, {posixpath.basename(path)})
         raise InputError(f"{uri}: not a .parquet file, an image or a directory")
-    infos = [i for i in _list_files(fs, path) if not _inside(i.path, out_path)]
-    infos = [i for i in infos if not _is_hidden_or_state(_rel(path, i.path))]
+    infos = _without_nested_outputs([i for i in _list_files(fs, path) if not _inside(i.path, out_path)], path)
+    infos = [i for i in infos if not is_hidden_or_state(_rel(path, i.path))]
     pq_infos = sorted((i for i in infos if i.path.endswith(".parquet")), key=lambda i: i.path)
+    _refuse_mixed(uri, pq_infos, infos)
     if pq_infos:
         return [_parquet_shard(fs, i, safe_relpath(_rel(path, i.path)), columns) for i in pq_infos]
     name = posixpath.basename(path.rstrip("/")) or "images"
