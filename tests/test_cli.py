@@ -39,7 +39,7 @@ def test_version(capsys):
 
 
 @pytest.mark.parametrize("cmd", ["run", "score", "pq", "aq", "score-image", "parse", "refine", "train-pq",
-                                 "eval", "report", "models"])
+                                 "eval", "report", "models", "prompts"])
 def test_every_command_has_help(cmd, capsys):
     code, out, _ = run_cli([cmd, "--help"], capsys)
     assert code == 0 and "Usage" in out
@@ -116,3 +116,91 @@ def test_missing_weights_exit_1(image_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _, err = run_cli(["pq", str(image_file), "--models-dir", str(tmp_path)], capsys)
     assert code == 1 and "ViT-B-16-quickgelu" in err and "models pull" in err
+
+
+# --------------------------------------------------------------------------------------------- #
+# Job, evaluation and training commands through the CLI
+
+
+@pytest.fixture(scope="module")
+def mos_parquet(tmp_path_factory):
+    """24 images whose 'mos' falls with blur (the tiny model's scores mean nothing; the plumbing is tested)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(1)
+    rows = {"image": [], "prompt": [], "mos": [], "align": []}
+    for i in range(24):
+        img = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(i % 6))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        rows["image"].append(buf.getvalue())
+        rows["prompt"].append(["a red cat", "a blue car on a road", "two dogs in snow"][i % 3])
+        rows["mos"].append(5.0 - (i % 6) * 0.7)
+        rows["align"].append(float(i % 5))
+    path = tmp_path_factory.mktemp("mos") / "mos.parquet"
+    pq.write_table(pa.table(rows), path)
+    return path
+
+
+def test_run_and_score_commands(tmp_path, capsys):
+    from job_corpus import write_dataset
+
+    write_dataset(str(tmp_path / "in"), shards=1, rows=3)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["run", str(tmp_path / "in"), "--out", str(out), "--preset", "tiny", "--executor", "local",
+                                 "--quiet", "--save-maps"], capsys)
+    assert code == 0, err
+    assert "done: 3 rows" in stdout and (out / "report.html").exists() and (out / "_grefine" / "manifest.json").exists()
+    code, stdout, err = run_cli(["run", str(tmp_path / "in"), "--out", str(out), "--preset", "tiny", "--executor", "local",
+                                 "--quiet", "--save-maps"], capsys)  # same command again: resumed, nothing recomputed
+    assert code == 0 and "0 run now, 1 already complete" in stdout
+    code, _, err = run_cli(["run", str(tmp_path / "in"), "--out", str(out), "--preset", "tiny", "--executor", "local",
+                            "--quiet", "--save-maps", "--batch-size", "2"], capsys)
+    assert code == 0  # batch size does not change results: no refusal
+    code, _, err = run_cli(["score", str(tmp_path / "in"), "--out", str(out), "--preset", "tiny", "--executor", "local",
+                            "--quiet"], capsys)
+    assert code == 2 and "--force" in err  # a config change against OUT's manifest is refused
+    code, stdout, err = run_cli(["score", str(tmp_path / "in"), "--out", str(tmp_path / "audit"), "--preset", "tiny",
+                                 "--executor", "local", "--quiet"], capsys)
+    assert code == 0, err
+    code, stdout, err = run_cli(["report", str(tmp_path / "audit")], capsys)
+    assert code == 0 and "report.html" in stdout
+
+
+def test_eval_command_json(mos_parquet, capsys):
+    code, out, err = run_cli(["eval", str(mos_parquet), "--mos-column", "mos", "--align-mos-column", "align",
+                              "--preset", "tiny", "--bootstrap", "50", "--quiet", "--json"], capsys)
+    assert code == 0, err
+    obj = json.loads(out)
+    for key in ("srcc", "plcc"):
+        assert -1.0 <= obj["scores"]["p"][key] <= 1.0 and -1.0 <= obj["scores"]["a"][key] <= 1.0
+    code, _, err = run_cli(["eval", str(mos_parquet), "--mos-column", "dmos", "--preset", "tiny", "--quiet"], capsys)
+    assert code == 2 and "dmos" in err and "mos" in err
+
+
+def test_train_pq_and_prompts_import(mos_parquet, tmp_path, capsys):
+    from grefine_curate.curate.prompts import LearnedPrompts
+
+    out = tmp_path / "p.safetensors"
+    code, stdout, err = run_cli(["train-pq", str(mos_parquet), "--out", str(out), "--preset", "tiny", "--epochs", "2",
+                                 "--quiet", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["n_train"] + json.loads(stdout)["n_val"] == 24
+    assert LearnedPrompts.load(out).ctx["overall"].shape[-1] == 32  # the tiny text width
+    code, stdout, err = run_cli(["pq", str(tmp_path / "missing.png"), "--preset", "tiny", "--prompts", str(out)], capsys)
+    assert code == 2
+    imported = tmp_path / "released.safetensors"
+    from pathlib import Path
+
+    released = Path(__file__).parent / "data" / "reference-prompts"
+    code, stdout, err = run_cli(["prompts", "import", str(released), "--out", str(imported)], capsys)
+    assert code == 0, err
+    assert LearnedPrompts.load(imported).ctx["overall"].shape == (2, 16, 512)
+
+
+def test_models_list_has_header(capsys):
+    code, out, _ = run_cli(["models", "list"], capsys)
+    assert code == 0 and out.splitlines()[0].split() == ["preset", "component", "model", "present"]
+    assert "diffusers/stable-diffusion-xl-1.0-inpainting-0.1" in out

@@ -51,3 +51,18 @@ def test_ray_matches_local_and_survives_a_worker_death(tmp_path, ray_session, mo
     # The folder's images are mirrored (score mode copies them only with keep_images)
     for rel in ("img_00.png", "sub/img_01.jpg", "img_02.jpg"):
         assert (tmp_path / "ray" / "images" / rel).read_bytes() == (tmp_path / "in-folder" / rel).read_bytes()
+
+
+def test_ray_refine_mode_matches_local(tmp_path, ray_session):
+    """Refine mode through Ray actors (diffusion included) gives the local executor's pixels and routes."""
+    inp = tmp_path / "in"
+    write_dataset(str(inp), shards=2, rows=3)
+    common = dict(inputs=[str(inp)], preset="tiny", mode="refine", batch_size=3, quiet=True)
+    ray_sum = run_job(JobConfig(out=str(tmp_path / "ray"), executor="ray", workers=1, **common))
+    local_sum = run_job(JobConfig(out=str(tmp_path / "local"), executor="local", **common))
+    assert ray_sum.exit_code == 0 and local_sum.exit_code == 0, ray_sum.lines()
+    assert ray_sum.routes == local_sum.routes and sum(ray_sum.routes.values()) == 6
+    for rel in ("part-a/shard-000.parquet", "part-b/shard-001.parquet"):
+        r, loc = pq.read_table(tmp_path / "ray" / rel), pq.read_table(tmp_path / "local" / rel)
+        assert r.column(C.ROUTE).to_pylist() == loc.column(C.ROUTE).to_pylist()
+        assert r.column("image").to_pylist() == loc.column("image").to_pylist()  # same seeds, same pixels

@@ -148,7 +148,7 @@ def aq(
     img = _load_one(image, cfg)
     result = _scorer(cfg, models_dir).score([img], [prompt])[0].aq
     if result is None:
-        _fail("the prompt is empty after cleaning; AQ-Map needs text", EXIT_USAGE)
+        _fail(f"the prompt {prompt!r} is empty after cleaning (see `grefine-curate parse`); AQ-Map needs text", EXIT_USAGE)
     if save_map:
         _write(save_map, map_to_png(result.A))
     if as_json:
@@ -483,8 +483,12 @@ def models_list(models_dir: ModelsDirOpt = None) -> None:
     from grefine_curate.pipelines.models import list_models
 
     rows = list_models(models_dir=str(models_dir) if models_dir else None)
-    for row in rows:
-        typer.echo("  ".join(str(v) for v in (row.values() if isinstance(row, dict) else row)))
+    table = [("preset", "component", "model", "present")] + [
+        tuple(str(v) for v in (row.values() if isinstance(row, dict) else row)) for row in rows
+    ]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
 
 
 @models_app.command("pull")

@@ -179,7 +179,8 @@ def run_job(cfg: JobConfig) -> JobSummary:
     shards = discover(cfg.inputs, columns, out=cfg.out, folder_shard_size=cfg.folder_shard_size)
     total_rows = sum(s.num_rows for s in shards)
     if total_rows == 0:
-        raise InputError(f"the input has no rows ({len(shards)} shard(s) found, all empty): nothing to do")
+        names = ", ".join(s.path for s in shards[:3]) + (", ..." if len(shards) > 3 else "")
+        raise InputError(f"the input has no rows ({len(shards)} shard(s) found, all empty: {names}): nothing to do")
     caps = _row_caps([s.num_rows for s in shards], cfg.limit)
     keep = [i for i, (s, c) in enumerate(zip(shards, caps)) if c is None or c > 0]
     shards, caps = [shards[i] for i in keep], [caps[i] for i in keep]
