@@ -510,7 +510,8 @@ def main() -> None:
     from grefine_curate.curate.errors import ConfigError, GRefineError, ImageError, InputError
 
     try:
-        app()  # standalone: click handles usage errors (exit 2), --help and typer.Exit
+        # Not click's standalone mode: it turns Ctrl-C into "Aborted!" with exit 1; we want 130.
+        code = app(standalone_mode=False)
     except (ConfigError, InputError, ImageError) as e:  # bad usage, config or input file
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         sys.exit(EXIT_USAGE)
@@ -520,6 +521,15 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
         sys.exit(130)
+    except Exception as e:
+        if type(e).__name__ == "Abort":  # click's wrapper of a KeyboardInterrupt
+            typer.secho("interrupted", err=True)
+            sys.exit(130)
+        if hasattr(e, "show") and hasattr(e, "exit_code"):  # click usage errors: message and exit 2
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+    sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 if __name__ == "__main__":
     main()
