@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from _common import add_common_args, random_vit_b16, sync
+
 PROMPTS = [
     "Mr. Beans wearing sun glasses with blue doctor suit and stripe tie",
     "a cat sitting on a red sofa in a living room",
@@ -40,44 +42,26 @@ PROMPTS = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7, help="timed runs of bare and warm PQ+AQ (median reported)")
-    ap.add_argument("--map-size", type=int, default=512)
     ap.add_argument("--templates", default="imagenet", help="AQ text templates: imagenet (85, default) | single")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    ap.add_argument("--device", default="cpu")
+    add_common_args(ap)
     args = ap.parse_args()
 
-    import open_clip
-
     from grefine_curate.curate.aq_map import AQMap
-    from grefine_curate.curate.clip_models import CLIP_MEAN, CLIP_STD, ClipBundle
-    from grefine_curate.curate.config import AQConfig, PQConfig
-    from grefine_curate.curate.pq_map import PQMap
+    from grefine_curate.curate.config import AQConfig
     from grefine_curate.curate.syntax import load_spacy
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None).to(device).eval()
-    for prm in model.parameters():
-        prm.requires_grad_(False)
-    clip = ClipBundle(model=model, tokenizer=open_clip.get_tokenizer("ViT-B-16-quickgelu"), mean=CLIP_MEAN,
-                      std=CLIP_STD, device=device, dtype=torch.float32, name="ViT-B-16-quickgelu/random")
-    pq = PQMap(clip, PQConfig(prompts="reference-pq"), surgery_blocks=6, image_size=224)
+    device, clip, pq = random_vit_b16(args)
+    model = clip.model
     aq = AQMap(clip, AQConfig(templates=args.templates), nlp=load_spacy("en_core_web_sm"),
                image_size=224, surgery_blocks=6)
     batch = len(PROMPTS)
     pixels = torch.randn(batch, 3, 224, 224, device=device)
     sizes = [(args.map_size, args.map_size)] * batch
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     def bare() -> None:
         with torch.no_grad():
             model.encode_image(pixels)
-        sync()
+        sync(device)
 
     def full() -> list:
         aq._parsed.clear()  # real prompts differ: parse every time; only phrase features are reused
@@ -86,7 +70,7 @@ def main() -> None:
             pq_res = pq.from_tokens(tokens, sizes)
             aq_res = aq.from_tokens(tokens, sizes, PROMPTS)
         assert pq_res[0].P.shape == aq_res[0].A.shape == (args.map_size, args.map_size)
-        sync()
+        sync(device)
         return aq_res
 
     bare()

@@ -21,53 +21,33 @@ import time
 
 import torch
 
+from _common import add_common_args, random_vit_b16, sync
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7, help="timed runs of each (median reported)")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--map-size", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    ap.add_argument("--device", default="cpu")
+    add_common_args(ap)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="clock of the ratio line: wall time, or process CPU time (CPU only; steadier on a shared machine)")
     args = ap.parse_args()
 
-    import open_clip
-
-    from grefine_curate.curate.clip_models import CLIP_MEAN, CLIP_STD, ClipBundle
-    from grefine_curate.curate.config import PQConfig
-    from grefine_curate.curate.pq_map import PQMap
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None).to(device).eval()
-    for prm in model.parameters():
-        prm.requires_grad_(False)
-    clip = ClipBundle(model=model, tokenizer=open_clip.get_tokenizer("ViT-B-16-quickgelu"), mean=CLIP_MEAN,
-                      std=CLIP_STD, device=device, dtype=torch.float32, name="ViT-B-16-quickgelu/random")
-    # The released prompts (width 512) exercise the learned-context text path; T_p is computed once
-    # at construction, as in a curation job, so it is outside the timed region.
-    pq = PQMap(clip, PQConfig(prompts="reference-pq"), surgery_blocks=6, image_size=224)
+    device, clip, pq = random_vit_b16(args)
+    model = clip.model
     pixels = torch.randn(args.batch, 3, 224, 224, device=device)
     sizes = [(args.map_size, args.map_size)] * args.batch
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
     def bare() -> None:
         with torch.no_grad():
             model.encode_image(pixels)
-        sync()
+        sync(device)
 
     def full() -> None:
         with torch.no_grad():
             results = pq.from_tokens(pq.encoder(pixels), sizes)
         assert results[0].P.shape == (args.map_size, args.map_size), "map not at the requested size"
-        sync()
+        sync(device)
 
     for fn in (bare, full, bare, full):  # warm-up (allocator, kernels, thread pool)
         fn()

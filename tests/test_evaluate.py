@@ -169,6 +169,8 @@ def test_image_folder_with_metadata(tmp_path, tiny_preset):
     assert rep.scores["a"].correlation.srcc == pytest.approx(1.0)
     with pytest.raises(InputError, match=r"no MOS field 'dmos'.*fields found: file_name, text, mos, align"):
         ev.evaluate(str(folder), "dmos", preset=tiny_preset, progress=False, scorer=BrightnessScorer())
+    with pytest.raises(InputError, match="no MOS field 'dmos'"):
+        ev.iter_eval_items(str(folder), "dmos")  # checked up front, like a Parquet column: before any image is read
 
 
 def test_end_to_end_tiny_preset(parquet_data, tiny_preset):

@@ -173,3 +173,15 @@ def test_an_earlier_output_folder_itself_is_a_valid_input(tmp_path):
     (earlier / "_grefine").mkdir()
     (earlier / "_grefine" / "manifest.json").write_text("{}")
     assert [s.num_rows for s in discover([str(earlier)])] == [2]
+
+
+def test_metadata_rows_without_an_image_are_reported(tmp_path, caplog):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(jpeg(5))
+    (folder / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "a.jpg", "text": "a cat"}) + "\n" + json.dumps({"file_name": "gone.jpg", "text": "x"}) + "\n")
+    with caplog.at_level("WARNING"):
+        shards = discover([str(folder)])
+    assert [(it.rel, it.prompt) for s in shards for it in s.items] == [("a.jpg", "a cat")]
+    assert "1 row(s) name files that are not in the folder" in caplog.text and "gone.jpg" in caplog.text

@@ -270,10 +270,10 @@ def refine(
 
 @app.command("train-pq")
 def train_pq(
-    data: Annotated[str, typer.Argument(help="Parquet file or image folder (metadata.csv/jsonl) with MOS columns.")],
+    data: Annotated[list[str], typer.Argument(help="Parquet files/dirs/globs or image folders (metadata.csv/jsonl) with MOS columns.")],
     out: Annotated[Path, typer.Option("--out", help="Output prompt file (.safetensors); use it with --prompts or pq.prompts.")],
     mos: Annotated[Optional[list[str]], typer.Option("--mos", help="FACTOR=COLUMN (overall, technical, rationality, naturalness); repeatable. Default: overall=mos.")] = None,
-    image_column: Annotated[str, typer.Option("--image-column", help="Image column (bytes or {bytes,path}) for Parquet data.")] = "image",
+    image_column: Annotated[Optional[str], typer.Option("--image-column", help="Image column (bytes or {bytes,path}) for Parquet data (default: auto).")] = None,
     preset: PresetOpt = "sdxl",
     config: ConfigOpt = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (paper: 50).")] = 50,
@@ -290,6 +290,7 @@ def train_pq(
 ) -> None:
     """Train the four PQ prompt contexts (image encoder frozen) on images with human MOS."""
     from grefine_curate.curate.train_pq import train_pq as run_training
+    from grefine_curate.pipelines.labelled import load_training_samples
 
     cfg = _preset(preset, config)
     columns = {"overall": "mos"}
@@ -298,10 +299,11 @@ def train_pq(
             _fail(f"--mos expects FACTOR=COLUMN (e.g. overall=mos_quality), got {item!r}", EXIT_USAGE)
         k, v = item.split("=", 1)
         columns[k.strip()] = v.strip()
-    report = run_training(data, out, cfg, epochs=epochs, lr=lr, batch_size=batch_size,
-                          val_fraction=val_fraction, seed=seed, mos_columns=columns, image_column=image_column,
+    samples = load_training_samples(data, columns, image_column=image_column)  # streamed, decoded per batch
+    report = run_training(samples, out, cfg, epochs=epochs, lr=lr, batch_size=batch_size,
+                          val_fraction=val_fraction, seed=seed, mos_columns=columns,
                           init=init, unlabelled=unlabelled, select=select, models_dir=models_dir,
-                          progress=not quiet)
+                          progress=not quiet, data_name=", ".join(data))
     if as_json:
         _print_json(report.to_json())
         return

@@ -21,22 +21,24 @@ recorded; the contexts with the best held-out SRCC of ``select`` ("p" or "overal
 as the project's safetensors prompt file (``prompts.LearnedPrompts.save``). Epoch 0 is the
 starting point, so a run that never improves keeps the initial contexts.
 
-Data: a Parquet file (an image column of bytes, or the Hugging Face ``{bytes, path}`` struct) or
-a folder of images with ``metadata.csv`` / ``metadata.jsonl`` holding ``file_name`` and the MOS
-columns.
+Data: any iterable of items with ``item_id``, ``image`` (a PIL image or encoded bytes), ``values``
+(MOS column -> number or None) and ``error`` (why the image is missing): ``MosSample`` in a notebook,
+or ``pipelines.labelled.load_training_samples`` for Parquet files, directories, globs, URIs and
+image folders with ``metadata.csv`` / ``metadata.jsonl``. It is read once, as a stream: images are
+decoded one batch at a time and only their CLS features are kept.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -51,7 +53,29 @@ from grefine_curate.curate.prompts import LearnedPrompts, resolve_prompt_file, t
 from grefine_curate.curate.surgery import SurgeryEncoder, preprocess_images
 
 DEFAULT_MOS_COLUMNS = {"overall": "mos"}
-METADATA_FILES = ("metadata.csv", "metadata.jsonl")
+
+
+class LabelledSample(Protocol):
+    """What train_pq reads of a training item (``pipelines.labelled.LabelledItem`` is one)."""
+
+    @property
+    def item_id(self) -> str: ...
+    @property
+    def image(self) -> Image.Image | bytes | None: ...  # None: unreadable, see error
+    @property
+    def values(self) -> Mapping[str, float | None]: ...  # MOS column -> value (None = missing)
+    @property
+    def error(self) -> str | None: ...
+
+
+@dataclass
+class MosSample:
+    """A training item built in code: ``MosSample("a.png", pil_image, {"mos": 3.2})``."""
+
+    item_id: str
+    image: Image.Image | bytes | None  # a PIL image or encoded bytes; None: unreadable (see error)
+    values: dict[str, float | None]  # MOS column -> value; None or nan = missing
+    error: str | None = None
 
 
 @dataclass
@@ -95,126 +119,6 @@ class TrainReport:
 
 
 # ----------------------------------------------------------------------------------------------
-# Data sources
-
-
-class _Source:
-    """Items of a MOS data set: names, MOS columns, and image bytes read in order."""
-
-    names: list[str]
-    columns: dict[str, np.ndarray]  # column -> (N,) float64 with nan for missing values
-    where: str
-
-    def iter_bytes(self, indices: Sequence[int]) -> Iterator[tuple[int, bytes | None, str | None]]:
-        raise NotImplementedError
-
-
-def _to_float(value: object) -> float:
-    if value is None or value == "":
-        return math.nan
-    try:
-        return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return math.nan
-
-
-class _ParquetSource(_Source):
-    def __init__(self, path: Path, mos_cols: Sequence[str], image_column: str):
-        import pyarrow.parquet as pq
-
-        try:
-            self.file = pq.ParquetFile(str(path))
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
-            raise InputError(f"{path}: cannot be read as Parquet ({type(e).__name__}: {e})") from e
-        found = self.file.schema_arrow.names
-        missing = [c for c in [image_column, *mos_cols] if c not in found]
-        if missing:
-            raise InputError(
-                f"{path}: column(s) {missing} not found; the file has columns {found}. Name the image column "
-                f"with image_column and the MOS columns with mos_columns."
-            )
-        self.path, self.image_column, self.where = path, image_column, str(path)
-        table = self.file.read(columns=list(mos_cols))
-        self.columns = {c: np.array([_to_float(v) for v in table.column(c).to_pylist()], dtype=np.float64)
-                        for c in mos_cols}
-        n = self.file.metadata.num_rows
-        self.names = [f"{path.name}#{i}" for i in range(n)]
-
-    def _bytes_of(self, cell: object) -> tuple[bytes | None, str | None]:
-        if isinstance(cell, (bytes, bytearray, memoryview)):
-            return bytes(cell), None
-        if isinstance(cell, dict):  # Hugging Face Image feature: {bytes, path}
-            if cell.get("bytes"):
-                return bytes(cell["bytes"]), None
-            if cell.get("path"):
-                p = Path(cell["path"])
-                p = p if p.is_absolute() else self.path.parent / p
-                try:
-                    return p.read_bytes(), None
-                except OSError as e:
-                    return None, f"image path {p} unreadable ({e})"
-            return None, "image struct has neither bytes nor path"
-        if cell is None:
-            return None, "image is null"
-        return None, f"image column {self.image_column!r} holds {type(cell).__name__}, expected bytes or {{bytes, path}}"
-
-    def iter_bytes(self, indices: Sequence[int]) -> Iterator[tuple[int, bytes | None, str | None]]:
-        wanted = set(indices)
-        row = 0
-        for batch in self.file.iter_batches(batch_size=256, columns=[self.image_column]):
-            cells = batch.column(0).to_pylist()
-            for cell in cells:
-                if row in wanted:
-                    data, err = self._bytes_of(cell)
-                    yield row, data, err
-                row += 1
-
-
-class _FolderSource(_Source):
-    def __init__(self, folder: Path, mos_cols: Sequence[str]):
-        meta = next((folder / m for m in METADATA_FILES if (folder / m).is_file()), None)
-        if meta is None:
-            raise InputError(f"{folder}: no {' or '.join(METADATA_FILES)} with file_name and MOS columns")
-        rows: list[dict] = []
-        try:
-            if meta.suffix == ".csv":
-                with open(meta, newline="", encoding="utf-8") as fh:
-                    rows = list(csv.DictReader(fh))
-            else:
-                with open(meta, encoding="utf-8") as fh:
-                    rows = [json.loads(line) for line in fh if line.strip()]
-        except (OSError, json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
-            raise InputError(f"{meta}: cannot be read ({type(e).__name__}: {e})") from e
-        if not rows:
-            raise InputError(f"{meta}: no rows")
-        found = list(rows[0].keys())
-        missing = [c for c in ["file_name", *mos_cols] if c not in found]
-        if missing:
-            raise InputError(f"{meta}: column(s) {missing} not found; it has columns {found}")
-        self.folder, self.where = folder, str(meta)
-        self.names = [str(r["file_name"]) for r in rows]
-        self.columns = {c: np.array([_to_float(r.get(c)) for r in rows], dtype=np.float64) for c in mos_cols}
-
-    def iter_bytes(self, indices: Sequence[int]) -> Iterator[tuple[int, bytes | None, str | None]]:
-        for i in indices:
-            p = self.folder / self.names[i]
-            try:
-                yield i, p.read_bytes(), None
-            except OSError as e:
-                yield i, None, f"cannot read {p} ({type(e).__name__})"
-
-
-def open_mos_source(data: str | os.PathLike, mos_cols: Sequence[str], image_column: str = "image") -> _Source:
-    """A Parquet file or a folder with metadata.csv/jsonl; errors name the columns found."""
-    path = Path(data).expanduser()
-    if path.is_dir():
-        return _FolderSource(path, mos_cols)
-    if path.is_file():
-        return _ParquetSource(path, mos_cols, image_column)
-    raise InputError(f"training data not found: {path} (expected a Parquet file or a folder with metadata.csv/jsonl)")
-
-
-# ----------------------------------------------------------------------------------------------
 # Helpers
 
 
@@ -253,47 +157,74 @@ def _normalise_mos(col: np.ndarray, name: str) -> np.ndarray:
     return (col - lo) / (hi - lo)
 
 
+def _mos(value: object) -> float:
+    try:
+        f = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+    return f if math.isfinite(f) else math.nan
+
+
 @torch.no_grad()
 def _cls_features(
-    source: _Source, indices: Sequence[int], clip: ClipBundle, encoder: SurgeryEncoder, image_size: int,
-    feature_norm: str, max_pixels: int, batch_size: int, progress: bool,
-) -> tuple[list[int], torch.Tensor, list[tuple[str, str]]]:
-    """Normalised CLS features (N, D) of the decodable items, computed once (frozen image side)."""
+    samples: Iterable[LabelledSample], columns: list[str], overall: str, clip: ClipBundle, encoder: SurgeryEncoder,
+    image_size: int, feature_norm: str, max_pixels: int, batch_size: int, progress: bool, data_name: str,
+) -> tuple[list[str], np.ndarray, torch.Tensor, list[tuple[str, str]]]:
+    """One pass over the samples: names, raw MOS (N, C) in ``columns`` order and normalised CLS
+    features (N, D) of the usable items (frozen image side), and the (item, reason) of the others."""
     from tqdm.auto import tqdm
 
-    kept: list[int] = []
+    names: list[str] = []
+    mos: list[list[float]] = []
     feats: list[torch.Tensor] = []
     skipped: list[tuple[str, str]] = []
-    pending: list[tuple[int, Image.Image]] = []
+    pending: list[tuple[str, list[float], Image.Image]] = []
+    n_seen = n_with_mos = 0
 
     def flush() -> None:
         if not pending:
             return
-        pixels = preprocess_images([im for _, im in pending], image_size, clip.mean, clip.std,
+        pixels = preprocess_images([im for _, _, im in pending], image_size, clip.mean, clip.std,
                                    device=clip.device, dtype=clip.dtype)  # (b, 3, S, S)
         f = normalise_features(encoder(pixels), feature_norm)[:, 0]  # (b, D), CLS as PQ-Map sees it
         feats.append(f.float().cpu())
-        kept.extend(i for i, _ in pending)
+        names.extend(n for n, _, _ in pending)
+        mos.extend(m for _, m, _ in pending)
         pending.clear()
 
-    bar = tqdm(total=len(indices), desc="image features", unit="img", disable=not progress)
-    for i, data, err in source.iter_bytes(indices):
+    bar = tqdm(total=len(samples) if isinstance(samples, Sized) else None, desc="image features", unit="img",
+               disable=not progress)
+    for sample in samples:
+        n_seen += 1
         bar.update(1)
-        if err is not None:
-            skipped.append((source.names[i], err))
+        name = sample.item_id
+        row = [_mos(sample.values.get(c)) for c in columns]
+        if not math.isfinite(row[columns.index(overall)]):
+            skipped.append((name, f"overall MOS ({overall}) missing"))
+            continue
+        n_with_mos += 1
+        image = sample.image
+        if image is None and sample.error:
+            skipped.append((name, f"{name}: {sample.error}"))
             continue
         try:
-            pending.append((i, decode_image(data, name=source.names[i], max_pixels=max_pixels)))
+            if isinstance(image, Image.Image):
+                img = image if image.mode == "RGB" else image.convert("RGB")
+            else:
+                img = decode_image(image, name=name, max_pixels=max_pixels)
         except GRefineError as e:
-            skipped.append((source.names[i], str(e)))
+            skipped.append((name, str(e)))
             continue
+        pending.append((name, row, img))
         if len(pending) >= batch_size:
             flush()
     flush()
     bar.close()
     if not feats:
-        raise InputError(f"{source.where}: none of the {len(indices)} images could be decoded (first: {skipped[:1]})")
-    return kept, torch.cat(feats), skipped
+        if n_with_mos == 0:
+            raise InputError(f"{data_name}: MOS column {overall!r} has no numeric values ({n_seen} items read)")
+        raise InputError(f"{data_name}: none of the {n_with_mos} images with an overall MOS could be decoded (first: {skipped[:1]})")
+    return names, np.array(mos, dtype=np.float64).reshape(-1, len(columns)), torch.cat(feats), skipped
 
 
 def _initial_prompts(init: str, preset: Preset, clip: ClipBundle) -> tuple[LearnedPrompts, str]:
@@ -318,7 +249,7 @@ def _initial_prompts(init: str, preset: Preset, clip: ClipBundle) -> tuple[Learn
 
 
 def train_pq(
-    data: str | os.PathLike,
+    samples: Iterable[LabelledSample],
     out: str | os.PathLike,
     preset: Preset | str = "sdxl",
     epochs: int = 50,
@@ -327,17 +258,21 @@ def train_pq(
     val_fraction: float = 0.2,
     seed: int = 0,
     mos_columns: Mapping[str, str] | None = None,
-    image_column: str = "image",
     init: str = "auto",
     unlabelled: str = "overall",
     select: str = "p",
     models_dir: str | os.PathLike | None = None,
     clip: ClipBundle | None = None,
     progress: bool = True,
+    data_name: str = "samples",
 ) -> TrainReport:
     """Train the four PQ prompt contexts on MOS data; write the best (held-out SRCC) to ``out``.
 
-    ``mos_columns`` maps factors to columns, e.g. ``{"overall": "mos", "technical": "tech_mos"}``
+    ``samples``: the training items, read once (``MosSample``s, or
+    ``pipelines.labelled.load_training_samples(data, mos_columns)`` for files and folders); items
+    without an overall MOS or with an unreadable image are skipped and listed in the report.
+    ``data_name`` names the data in errors and in the prompt file's metadata.
+    ``mos_columns`` maps factors to columns of ``values``, e.g. ``{"overall": "mos", "technical": "tech_mos"}``
     (``overall`` required; default ``{"overall": "mos"}``). ``init``: "auto" (the preset's prompt
     file when its width matches the model, else "X" placeholders), "placeholder", or a prompt
     name/path. ``unlabelled``: "overall" | "fixed" (factors without a MOS column). ``select``:
@@ -348,6 +283,11 @@ def train_pq(
 
     t_start = time.perf_counter()
     # 1. Check inputs
+    if isinstance(samples, (str, os.PathLike)):
+        raise TypeError(
+            f"train_pq takes the training items, not a path ({samples!r}); read files with "
+            "grefine_curate.pipelines.labelled.load_training_samples(data, mos_columns)"
+        )
     preset = load_preset(preset) if isinstance(preset, str) else preset
     check_pq_config(preset.pq)
     mos_columns = dict(mos_columns or DEFAULT_MOS_COLUMNS)
@@ -367,39 +307,37 @@ def train_pq(
         raise ConfigError(f"select must be 'p' or 'overall', got {select!r}")
     out = Path(out)
 
-    # 2. Data: MOS columns now, images later (streamed once through the frozen encoder)
-    source = open_mos_source(data, list(dict.fromkeys(mos_columns.values())), image_column)
-    targets = {f: _normalise_mos(source.columns[c], c) for f, c in mos_columns.items()}  # factor -> (N,) in [0, 1]
-    skipped = [(source.names[i], f"overall MOS ({mos_columns['overall']}) missing")
-               for i in np.flatnonzero(~np.isfinite(targets["overall"]))]
-    usable = [int(i) for i in np.flatnonzero(np.isfinite(targets["overall"]))]
-
-    # 3. Model: frozen CLIP + surgery encoder, and the starting contexts (a width mismatch fails here,
+    # 2. Model: frozen CLIP + surgery encoder, and the starting contexts (a width mismatch fails here,
     #    before any image is read)
     clip = clip if clip is not None else load_clip(preset.clip, models_dir=models_dir, seed=preset.seed)
     encoder = SurgeryEncoder(clip.model.visual, preset.clip.surgery_blocks)
     prompts, init_desc = _initial_prompts(init, preset, clip)
     prompts = prompts.to(clip.device)
 
-    # 4. Image features, computed once (the image side is frozen)
-    kept, feats, bad = _cls_features(source, usable, clip, encoder, preset.clip.image_size, preset.pq.feature_norm,
-                                     preset.max_pixels, batch_size=max(batch_size, 16), progress=progress)
-    skipped += bad
-    n = len(kept)
+    # 3. Data, read once: image features (the image side is frozen) and MOS of the usable items
+    columns = list(dict.fromkeys(mos_columns.values()))
+    names, raw_mos, feats, skipped = _cls_features(  # raw_mos (N, C), feats (N, D)
+        samples, columns, mos_columns["overall"], clip, encoder, preset.clip.image_size, preset.pq.feature_norm,
+        preset.max_pixels, batch_size=max(batch_size, 16), progress=progress, data_name=data_name)
+    try:
+        targets = {f: _normalise_mos(raw_mos[:, columns.index(c)], c)
+                   for f, c in mos_columns.items()}  # factor -> (N,) in [0, 1]
+    except InputError as e:
+        raise InputError(f"{data_name}: {e}") from e
+    n = len(names)
     n_val = max(3, int(round(n * val_fraction)))
     if n - n_val < 2:
-        raise InputError(f"{source.where}: {n} usable items; need at least {n_val + 2} for a held-out split of {val_fraction}")
+        raise InputError(f"{data_name}: {n} usable items; need at least {n_val + 2} for a held-out split of {val_fraction}")
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=gen)
     val_idx, train_idx = perm[:n_val], perm[n_val:]
-    kept_t = torch.tensor(kept)
-    y = torch.stack([torch.as_tensor(targets.get(f, targets["overall"])[kept_t.numpy()], dtype=torch.float32)
+    y = torch.stack([torch.as_tensor(targets.get(f, targets["overall"]), dtype=torch.float32)
                      if (f in targets or unlabelled == "overall") else torch.full((n,), math.nan)
                      for f in FACTORS], dim=1)  # (N, 4), nan = no target
-    y_overall = torch.as_tensor(targets["overall"][kept_t.numpy()], dtype=torch.float32)  # (N,)
+    y_overall = torch.as_tensor(targets["overall"], dtype=torch.float32)  # (N,)
     feats = feats.to(clip.device)  # (N, D)
 
-    # 5. Trainable contexts, the rest frozen
+    # 4. Trainable contexts, the rest frozen
     trained = [f for f in FACTORS if f in mos_columns or unlabelled == "overall"]
     for f in FACTORS:
         prompts.ctx[f].requires_grad_(f in trained)
@@ -427,13 +365,13 @@ def train_pq(
 
     def save(stats: EpochStats) -> None:
         prompts.save(out, extra_metadata={
-            "source": f"train_pq on {source.where} (preset {preset.name}, CLIP {clip.name}), init: {init_desc}",
+            "source": f"train_pq on {data_name} (preset {preset.name}, CLIP {clip.name}), init: {init_desc}",
             "trained_epoch": str(stats.epoch), "val_srcc": f"{stats.srcc:.6f}", "val_plcc": f"{stats.plcc:.6f}",
             "select": select, "n_train": str(len(train_idx)), "n_val": str(n_val),
             "mos_columns": json.dumps(mos_columns), "clip": clip.name,
         })
 
-    # 6. Epoch 0 = the starting contexts; then train, keeping the best held-out epoch
+    # 5. Epoch 0 = the starting contexts; then train, keeping the best held-out epoch
     history = [evaluate(0, math.nan)]
     best = history[0]
     save(best)
@@ -470,4 +408,4 @@ def train_pq(
                        best_srcc=best.srcc, best_epoch=best.epoch, select=select, init=init_desc,
                        trained_factors=trained, history=history, skipped=skipped,
                        seconds=time.perf_counter() - t_start,
-                       val_items=[source.names[kept[int(i)]] for i in val_idx])
+                       val_items=[names[int(i)] for i in val_idx])

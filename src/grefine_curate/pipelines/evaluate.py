@@ -5,11 +5,11 @@ vs alignment MOS), section 4.4: SRCC and PLCC (raw, and after the VQEG 4-paramet
 a data set with human mean opinion scores, e.g. Parquet exports of AIGIQA-20K or AGIQA-3K, here
 with percentile-bootstrap 95% intervals (``pipelines/stats.py``).
 
-Inputs are found like the `run` job's (``pipelines/sources.discover``: a Parquet file, directory
-or glob, or an image folder with ``metadata.jsonl``/``metadata.csv``); MOS columns are read beside
-the image and prompt. Scoring needs 224x224 inputs only, so JPEGs are decoded at reduced scale
-(PIL draft mode, ``decode_image(draft_size=...)``): several times faster than a full decode, with
-scores that move by far less than the reported precision (``bench/decode.py``).
+Inputs are read by ``pipelines/labelled.iter_labelled``, found like the `run` job's (a Parquet
+file, directory or glob, or an image folder with ``metadata.jsonl``/``metadata.csv``); MOS columns
+are read beside the image and prompt. Scoring needs 224x224 inputs only, so JPEGs are decoded at
+reduced scale (PIL draft mode, ``decode_image(draft_size=...)``): several times faster than a full
+decode, with scores that move by far less than the reported precision (``bench/decode.py``).
 
 Nothing is dropped silently: an unreadable image, a missing MOS, or an item without a prompt (for
 ``a``) is listed in the report with its reason.
@@ -17,12 +17,8 @@ Nothing is dropped silently: an unreadable image, a missing MOS, or an item with
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
 import math
-import posixpath
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -30,15 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from grefine_curate.curate.config import Preset, load_preset
 from grefine_curate.curate.errors import ImageError, InputError
 from grefine_curate.curate.images import decode_image
 from grefine_curate.curate.results import ScoreResult
 from grefine_curate.pipelines import stats
-from grefine_curate.pipelines.sources import METADATA_FILES, ColumnSpec, Shard, discover
+from grefine_curate.pipelines.labelled import iter_labelled
+from grefine_curate.pipelines.sources import Shard
 
 # Paper anchors (SRCC / PLCC), shown under the table for orientation.
 PAPER_TABLES = {
@@ -132,111 +127,6 @@ def _reason_kind(reason: str) -> str:
 # Reading items with their MOS
 
 
-def _float_or_none(v: Any) -> float | None:
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def _check_mos_columns(shard: Shard, names: list[str], schema: pa.Schema, wanted: list[str]) -> None:
-    found = ", ".join(f"{n} ({schema.field(n).type})" for n in names)
-    for col in wanted:
-        if col not in names:
-            raise InputError(
-                f"{shard.path}: no MOS column {col!r}; columns found: {found}. "
-                "Pass --mos-column / --align-mos-column with one of them."
-            )
-        t = schema.field(col).type
-        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)):
-            raise InputError(f"{shard.path}: MOS column {col!r} has type {t}; expected numbers.")
-
-
-def _parquet_items(shard: Shard, mos_col: str, align_col: str | None, batch_rows: int) -> Iterator[EvalItem]:
-    with shard.fs.open_input_file(shard.path) as f:
-        pf = pq.ParquetFile(f)
-        schema = pf.schema_arrow
-        _check_mos_columns(shard, schema.names, schema, [c for c in (mos_col, align_col) if c])
-        cols = [c for c in dict.fromkeys([shard.image_column, shard.prompt_column, shard.id_column, mos_col, align_col]) if c]
-        row = 0
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
-            table = batch.to_pydict()
-            for i in range(batch.num_rows):
-                raw = table[shard.image_column][i]
-                if shard.image_is_struct and raw is not None:
-                    raw = raw.get("bytes") or _read_by_path(shard, raw.get("path"))
-                ident = table[shard.id_column][i] if shard.id_column else None
-                yield EvalItem(
-                    name=str(ident) if ident is not None else f"{shard.rel}#{row}",
-                    data=raw,
-                    prompt=table[shard.prompt_column][i] if shard.prompt_column else None,
-                    mos=_float_or_none(table[mos_col][i]),
-                    align_mos=_float_or_none(table[align_col][i]) if align_col else None,
-                )
-                row += 1
-
-
-def _read_by_path(shard: Shard, path: str | None) -> bytes | None:
-    """A Hugging Face image stored by path only: read it beside the shard (or absolute); None if unreadable."""
-    if not path:
-        return None
-    full = path if path.startswith("/") or "://" in path else posixpath.join(posixpath.dirname(shard.path), path)
-    try:
-        with shard.fs.open_input_stream(full) as f:
-            return f.read()
-    except (OSError, pa.ArrowInvalid):
-        return None  # reported as a null image by the decoder
-
-
-def _folder_metadata(shard: Shard) -> tuple[dict[str, dict], list[str]]:
-    """Metadata rows of an image folder keyed by image path relative to the root, and the fields seen."""
-    rows: dict[str, dict] = {}
-    fields: dict[str, None] = {}
-    from pyarrow import fs as pafs
-
-    infos = shard.fs.get_file_info(pafs.FileSelector(shard.path, recursive=True))
-    for info in sorted(infos, key=lambda i: i.path):
-        base = posixpath.basename(info.path)
-        if info.type != pafs.FileType.File or base not in METADATA_FILES:
-            continue
-        where = posixpath.dirname(posixpath.relpath(info.path, shard.path))
-        with shard.fs.open_input_stream(info.path) as f:
-            text = f.read().decode("utf-8", errors="replace")
-        if base.endswith(".jsonl"):
-            entries = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            entries = list(csv.DictReader(io.StringIO(text)))
-        for entry in entries:
-            if isinstance(entry, dict) and "file_name" in entry:
-                fields.update(dict.fromkeys(entry))
-                key = posixpath.normpath(posixpath.join(where, str(entry["file_name"]).replace("\\", "/")))
-                rows[key] = entry
-    return rows, list(fields)
-
-
-def _folder_items(shard: Shard, mos_col: str, align_col: str | None) -> Iterator[EvalItem]:
-    meta, fields = _folder_metadata(shard)
-    for col in (c for c in (mos_col, align_col) if c):
-        if col not in fields:
-            raise InputError(
-                f"{shard.path}: no MOS field {col!r} in {' / '.join(METADATA_FILES)}; fields found: "
-                f"{', '.join(fields) or 'none (no metadata file)'}. An image folder carries its MOS in "
-                "metadata.jsonl or metadata.csv next to 'file_name'."
-            )
-    for it in shard.items:
-        entry = meta.get(it.rel, {})
-        try:
-            with shard.fs.open_input_stream(posixpath.join(shard.path, it.rel)) as f:
-                data = f.read()
-        except OSError:
-            data = None  # reported as an unreadable image by the decoder
-        yield EvalItem(name=it.rel, data=data, prompt=it.prompt, mos=_float_or_none(entry.get(mos_col)),
-                       align_mos=_float_or_none(entry.get(align_col)) if align_col else None)
-
-
 def iter_eval_items(
     data: str | Sequence[str],
     mos_column: str,
@@ -246,29 +136,22 @@ def iter_eval_items(
     batch_rows: int = 256,
 ) -> tuple[list[Shard], Iterator[EvalItem]]:
     """Find the shards (checked up front, like `run`) and stream their items with MOS values."""
-    inputs = [data] if isinstance(data, str) else list(data)
-    shards = discover(inputs, ColumnSpec(image=image_column, prompt=prompt_column))
+    items = iter_labelled(data, [c for c in (mos_column, align_mos_column) if c], image_column=image_column,
+                          prompt_column=prompt_column, batch_rows=batch_rows)
     if align_mos_column:
-        no_prompt = [s.path for s in shards if s.kind == "parquet" and s.prompt_column is None]
+        no_prompt = [s.path for s in items.shards if s.kind == "parquet" and s.prompt_column is None]
         if no_prompt:
             raise InputError(
                 f"{no_prompt[0]}: --align-mos-column needs prompts, but no prompt column was found; "
                 "pass --prompt-column NAME"
             )
-    for s in shards:  # fail on a missing MOS column before any image is decoded
-        if s.kind == "parquet":
-            with s.fs.open_input_file(s.path) as f:
-                schema = pq.ParquetFile(f).schema_arrow
-            _check_mos_columns(s, schema.names, schema, [c for c in (mos_column, align_mos_column) if c])
 
-    def items() -> Iterator[EvalItem]:
-        for s in shards:
-            if s.kind == "parquet":
-                yield from _parquet_items(s, mos_column, align_mos_column, batch_rows)
-            else:
-                yield from _folder_items(s, mos_column, align_mos_column)
+    def eval_items() -> Iterator[EvalItem]:
+        for it in items:
+            yield EvalItem(name=it.item_id, data=it.image, prompt=it.prompt, mos=it.values[mos_column],
+                           align_mos=it.values[align_mos_column] if align_mos_column else None)
 
-    return shards, items()
+    return items.shards, eval_items()
 
 
 # ---------------------------------------------------------------------------------------------

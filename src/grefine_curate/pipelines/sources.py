@@ -20,6 +20,7 @@ import json
 import logging
 import posixpath
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -254,16 +255,27 @@ def _read_text(fs: pafs.FileSystem, path: str) -> str:
         return f.read().decode("utf-8", errors="replace")
 
 
-def _folder_prompts(fs: pafs.FileSystem, root: str, files: dict[str, pafs.FileInfo], prompt_key: str | None) -> dict[str, str | None]:
-    """Prompt per image rel path: metadata.jsonl / metadata.csv (any folder level), else sidecar .txt."""
-    prompts: dict[str, str | None] = {}
-    keys = (prompt_key,) if prompt_key else PROMPT_COLUMN_CANDIDATES
+def folder_files(fs: pafs.FileSystem, root: str) -> dict[str, pafs.FileInfo]:
+    """Every input file under ``root`` (recursive) keyed by its path relative to ``root``; hidden files,
+    job state and temporaries left out."""
+    files = {_rel(root, i.path): i for i in _list_files(fs, root)}
+    return {r: i for r, i in files.items() if not is_hidden_or_state(r)}
+
+
+def iter_folder_metadata(fs: pafs.FileSystem, files: dict[str, pafs.FileInfo]) -> Iterator[tuple[str, str, dict]]:
+    """(metadata file path, image rel path, row with all its fields) for every row of every
+    ``metadata.jsonl`` / ``metadata.csv`` in ``files`` (any folder level; rel paths as ``folder_files``).
+
+    Hugging Face imagefolder convention: ``file_name`` is relative to the metadata file's folder.
+    Raises InputError for invalid JSON or a row without ``file_name``.
+    """
     for rel in sorted(files):
         base = posixpath.basename(rel)
         if base not in METADATA_FILES:
             continue
         where = posixpath.dirname(rel)
-        text = _read_text(fs, files[rel].path)
+        path = files[rel].path
+        text = _read_text(fs, path)
         if base.endswith(".jsonl"):
             rows = []
             for n, line in enumerate(text.splitlines(), 1):
@@ -272,17 +284,34 @@ def _folder_prompts(fs: pafs.FileSystem, root: str, files: dict[str, pafs.FileIn
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise InputError(f"{files[rel].path}: line {n} is not valid JSON ({e})") from e
+                    raise InputError(f"{path}: line {n} is not valid JSON ({e})") from e
         else:
             rows = list(csv.DictReader(io.StringIO(text)))
+        missing = []
         for row in rows:
             if not isinstance(row, dict) or "file_name" not in row:
-                raise InputError(f"{files[rel].path}: every row needs a 'file_name' (Hugging Face imagefolder convention)")
-            key = next((k for k in keys if k in row), None)
-            if key is None and prompt_key:
-                raise InputError(f"{files[rel].path}: no prompt field {prompt_key!r}; fields found: {', '.join(row)}")
+                fields = f"; fields found: {', '.join(row)}" if isinstance(row, dict) else ""
+                raise InputError(
+                    f"{path}: every row needs a 'file_name' (Hugging Face imagefolder convention){fields}"
+                )
             target = posixpath.normpath(join(where, str(row["file_name"]).replace("\\", "/")))
-            prompts[target] = None if key is None or row[key] is None else str(row[key])
+            if target not in files:
+                missing.append(str(row["file_name"]))
+            yield path, target, row
+        if missing:  # rows with no image to go with them: said, not silently dropped
+            log.warning("%s: %d row(s) name files that are not in the folder (e.g. %r); they are ignored",
+                        path, len(missing), missing[0])
+
+
+def _folder_prompts(fs: pafs.FileSystem, root: str, files: dict[str, pafs.FileInfo], prompt_key: str | None) -> dict[str, str | None]:
+    """Prompt per image rel path: metadata.jsonl / metadata.csv (any folder level), else sidecar .txt."""
+    prompts: dict[str, str | None] = {}
+    keys = (prompt_key,) if prompt_key else PROMPT_COLUMN_CANDIDATES
+    for meta_path, target, row in iter_folder_metadata(fs, files):
+        key = next((k for k in keys if k in row), None)
+        if key is None and prompt_key:
+            raise InputError(f"{meta_path}: no prompt field {prompt_key!r}; fields found: {', '.join(row)}")
+        prompts[target] = None if key is None or row[key] is None else str(row[key])
     for rel in files:
         if rel.lower().endswith(IMAGE_EXTENSIONS) and rel not in prompts:
             sidecar = posixpath.splitext(rel)[0] + ".txt"
