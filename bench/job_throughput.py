@@ -163,7 +163,7 @@ def main() -> None:
         paths = write_shards(os.path.join(work, "in"), args.n)
         print(f"data: {args.n} JPEG 256x256 in {len(paths)} shards ({time.perf_counter() - t:.1f}s to build)")
         # 2-3. Bare loop and local executor, alternating rounds (best of each: the machine is shared)
-        bare, local, startup = 0.0, 0.0, 0.0
+        bare, local = 0.0, 0.0
         for r in range(args.rounds):
             n, dt = bare_loop(paths, os.path.join(work, f"bare{r}"))
             print(f"round {r + 1}: bare loop      {n} images in {dt:.2f}s = {n / dt:.1f} img/s")

@@ -48,7 +48,29 @@ def tiny_preset():
 
 
 @pytest.fixture(scope="session")
+def preset(tiny_preset):
+    """Short names for model tests (a module may override them)."""
+    return tiny_preset
+
+
+@pytest.fixture(scope="session")
 def tiny_clip(tiny_preset):
     from grefine_curate.curate.clip_models import load_clip
 
     return load_clip(tiny_preset.clip)
+
+
+@pytest.fixture(scope="session")
+def clip(tiny_clip):
+    return tiny_clip
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on 2 shared cores: OpenMP with 2 threads spins and runs tiny convs far slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -9,8 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from grefine_curate.curate.clip_models import load_clip
-from grefine_curate.curate.config import FACTORS, PQConfig, load_preset
+from grefine_curate.curate.config import FACTORS, PQConfig
 from grefine_curate.curate.errors import ConfigError
 from grefine_curate.curate.pq_map import PQMap, cask, maps_at_sizes
 from grefine_curate.curate.prompts import LearnedPrompts
@@ -20,14 +19,6 @@ from grefine_curate.curate.surgery import tokens_to_maps
 ALPHAS = (0.935, 0.535, 0.661)
 
 
-@pytest.fixture(scope="module")
-def preset():
-    return load_preset("tiny")
-
-
-@pytest.fixture(scope="module")
-def clip(preset):
-    return load_clip(preset.clip)
 
 
 @pytest.fixture(scope="module")

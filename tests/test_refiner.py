@@ -28,12 +28,8 @@ ROUTING = RoutingConfig()
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 shared cores: OpenMP with 2 threads spins and runs the tiny convs ~40x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

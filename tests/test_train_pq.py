@@ -19,8 +19,7 @@ import torch
 from PIL import Image, ImageFilter
 from scipy import stats
 
-from grefine_curate.curate.clip_models import load_clip
-from grefine_curate.curate.config import FACTORS, load_preset
+from grefine_curate.curate.config import FACTORS
 from grefine_curate.curate.errors import ConfigError, InputError
 from grefine_curate.curate.pq_map import PQMap
 from grefine_curate.curate.prompts import LearnedPrompts
@@ -30,23 +29,9 @@ from grefine_curate.pipelines.labelled import load_training_samples
 MAX_RADIUS = 3.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a shared CPU: one thread avoids oversubscription (much faster, same results).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def preset():
-    return load_preset("tiny")
-
-
-@pytest.fixture(scope="module")
-def clip(preset):
-    return load_clip(preset.clip)
 
 
 def _texture(rng, size=224, cell=2):

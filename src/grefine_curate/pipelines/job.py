@@ -294,7 +294,7 @@ def _write_report(out_fs: Any, out_root: str) -> str:
     import pyarrow.fs as pafs
 
     if not isinstance(out_fs, pafs.LocalFileSystem):
-        return f"report: not written for a remote OUT; run `grefine-curate report` on a local copy"
+        return "report: not written for a remote OUT; run `grefine-curate report` on a local copy"
     try:
         from grefine_curate.pipelines.report import write_report
 
