@@ -185,3 +185,19 @@ def test_metadata_rows_without_an_image_are_reported(tmp_path, caplog):
         shards = discover([str(folder)])
     assert [(it.rel, it.prompt) for s in shards for it in s.items] == [("a.jpg", "a cat")]
     assert "1 row(s) name files that are not in the folder" in caplog.text and "gone.jpg" in caplog.text
+
+
+def test_fs_uri_inverts_resolve_fs(tmp_path):
+    from grefine_curate.pipelines.sources import fs_uri, resolve_fs
+
+    fs, path = resolve_fs(str(tmp_path))
+    assert fs_uri(fs, path) == path  # local: a plain path
+
+    class FakeS3:
+        type_name = "s3"
+
+    class FakeGcs:
+        type_name = "gcs"
+
+    assert fs_uri(FakeS3(), "bucket/shards/a.parquet") == "s3://bucket/shards/a.parquet"
+    assert fs_uri(FakeGcs(), "bucket/a.parquet") == "gs://bucket/a.parquet"

@@ -40,7 +40,7 @@ from grefine_curate.pipelines.manifest import (
 )
 from grefine_curate.pipelines.processor import EngineSpec, ProcessOptions, ShardTask
 from grefine_curate.pipelines.sinks import clean_stale_temporaries
-from grefine_curate.pipelines.sources import STATE_DIR, TMP_MARK, ColumnSpec, discover, join, resolve_fs
+from grefine_curate.pipelines.sources import STATE_DIR, TMP_MARK, ColumnSpec, discover, fs_uri, join, resolve_fs
 
 MODES = ("refine", "score")
 EXECUTORS = ("ray", "local")
@@ -217,7 +217,8 @@ def run_job(cfg: JobConfig) -> JobSummary:
         "packages": package_versions(),
         "result_config": rcfg,
         "job": dataclasses.asdict(cfg),
-        "inputs": [{"shard": s.rel, "input": s.path, "rows": s.num_rows, "row_cap": c} for s, c in zip(shards, caps)],
+        "inputs": [{"shard": s.rel, "input": fs_uri(s.fs, s.path), "rows": s.num_rows, "row_cap": c}
+                   for s, c in zip(shards, caps)],
     }
     write_manifest(out_fs, out_root, base)
     # 7. Run

@@ -90,6 +90,12 @@ def resolve_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)).replace("\\", "/")
 
 
+def fs_uri(fs: pafs.FileSystem, path: str) -> str:
+    """The URI of a (filesystem, path) pair, inverse of resolve_fs: a plain path for local files."""
+    scheme = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs"}.get(fs.type_name)
+    return f"{scheme}://{path}" if scheme else path
+
+
 def join(base: str, rel: str) -> str:
     return posixpath.join(base.rstrip("/"), rel) if base else rel
 
