@@ -109,6 +109,7 @@ class AQMap:
         surgery_blocks: int = 6,
         map_resize: str = "bicubic",
         parse_cache_size: int = 4096,
+        encoder: SurgeryEncoder | None = None,  # share PQ-Map's surgery encoder (one forward for both)
     ):
         self.cfg = cfg or AQConfig()
         _check_config(self.cfg)
@@ -122,7 +123,7 @@ class AQMap:
         self.surgery_blocks = surgery_blocks
         self.map_resize = map_resize
         self._nlp = nlp
-        self._encoder: SurgeryEncoder | None = None
+        self._encoder: SurgeryEncoder | None = encoder
         self._parsed: OrderedDict[str, ParsedPrompt] = OrderedDict()
         self._parse_lock = threading.Lock()
         self._parse_cache_size = parse_cache_size

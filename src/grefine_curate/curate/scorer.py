@@ -37,8 +37,8 @@ class QualityScorer:
         self.preset = preset
         self.clip = clip if clip is not None else load_clip(preset.clip, models_dir=models_dir, seed=preset.seed)
         self.pq = PQMap.from_preset(preset, models_dir=models_dir, prompts=prompts, clip=self.clip)
-        self.aq = AQMap.from_preset(preset, clip=self.clip, map_resize=preset.pq.map_resize)
-        self.aq._encoder = self.pq.encoder  # one surgery encoder (and one forward) for both maps
+        # one surgery encoder (and one forward) for both maps
+        self.aq = AQMap.from_preset(preset, clip=self.clip, map_resize=preset.pq.map_resize, encoder=self.pq.encoder)
 
     @property
     def model_ids(self) -> dict[str, str]:
