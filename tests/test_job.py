@@ -109,7 +109,7 @@ def test_refine_output_contract(tmp_path):
     assert summary.exit_code == 0, summary.lines()
     rels = ["hf.parquet", "part-a/shard-000.parquet", "part-b/shard-001.parquet"]
     assert files_under(tmp_path / "out") == sorted(
-        rels + ["_grefine/manifest.json", "report.html"] + [f"_grefine/shards/{r}.json" for r in rels])
+        rels + ["__grefine__/manifest.json", "__grefine__/report.html"] + [f"__grefine__/shards/{r}.json" for r in rels])
     for rel in rels:
         src = pq.read_table(tmp_path / "in" / rel)
         out = pq.read_table(tmp_path / "out" / rel)
@@ -135,7 +135,7 @@ def test_refine_output_contract(tmp_path):
                 assert img.format == "PNG" and img.size == Image.open(io.BytesIO(before)).size
             pmap = Image.open(io.BytesIO(row[C.PQ_MAP]))
             assert pmap.size == (64, 64) and pmap.mode == "L"
-    man = json.loads((tmp_path / "out" / "_grefine" / "manifest.json").read_text())
+    man = json.loads((tmp_path / "out" / "__grefine__" / "manifest.json").read_text())
     assert man["state"] == "done" and man["config_hash"] == summary.config_hash
     assert man["counts"]["rows"] == 6 and man["counts"]["status"] == {"ok": 6}
     assert sum(man["counts"]["routes"].values()) == 6 and man["packages"]["pyarrow"] == pa.__version__
@@ -186,12 +186,12 @@ def test_resume_skips_complete_shards_and_ignores_stale_temporaries(tmp_path):
     first = run_job(cfg)
     assert first.shards_run == 3
     out = tmp_path / "out"
-    marker = out / "_grefine" / "shards" / "part-a" / "shard-000.parquet.json"
+    marker = out / "__grefine__" / "shards" / "part-a" / "shard-000.parquet.json"
     before = {p: os.stat(out / p).st_mtime_ns for p in files_under(out) if not p.endswith("manifest.json")}
     # A killed run leaves a temporary beside an output, and one shard incomplete (no marker).
     stale = out / "part-a" / ".shard-002.parquet.grefine-tmp-deadbeef"
     stale.write_bytes(b"PAR1 partial")
-    os.remove(out / "_grefine" / "shards" / "part-b" / "shard-001.parquet.json")
+    os.remove(out / "__grefine__" / "shards" / "part-b" / "shard-001.parquet.json")
     second = run_job(cfg)
     assert (second.shards_run, second.shards_skipped, second.removed_temporaries) == (1, 2, 1)
     assert not stale.exists()
@@ -213,7 +213,7 @@ def test_config_change_is_refused_unless_forced(tmp_path):
     changed.force = True
     forced = run_job(changed)
     assert forced.exit_code == 0 and forced.shards_run == 1
-    man = json.loads((tmp_path / "out" / "_grefine" / "manifest.json").read_text())
+    man = json.loads((tmp_path / "out" / "__grefine__" / "manifest.json").read_text())
     assert man["result_config"]["preset"]["aq"]["beta"] == 0.3
 
 
@@ -262,7 +262,7 @@ def test_error_rate_and_failed_shard_exit_codes(tmp_path, fake_engine, monkeypat
     s = run_job(job(tmp_path, [tmp_path / "in"], out=tmp_path / "o3", mode="score"))
     assert s.exit_code == 1 and s.state == "failed" and s.shards_failed[0][0] == "z.parquet"
     assert s.shards_run == 2 and not (tmp_path / "o3" / "z.parquet").exists()
-    man = json.loads((tmp_path / "o3" / "_grefine" / "manifest.json").read_text())
+    man = json.loads((tmp_path / "o3" / "__grefine__" / "manifest.json").read_text())
     assert man["failures"][0]["shard"] == "z.parquet" and "disk full" in man["failures"][0]["error"]
 
 

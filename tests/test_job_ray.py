@@ -32,7 +32,7 @@ def test_ray_matches_local_and_survives_a_worker_death(tmp_path, ray_session, mo
     assert ray_sum.exit_code == 0, ray_sum.lines()
     assert ray_sum.retries == 1 and ray_sum.shards_run == 4 and ray_sum.rows == 15
     assert not [f for _, _, fs in os.walk(tmp_path / "ray") for f in fs if TMP_MARK in f]
-    man = json.loads((tmp_path / "ray" / "_grefine" / "manifest.json").read_text())
+    man = json.loads((tmp_path / "ray" / "__grefine__" / "manifest.json").read_text())
     assert man["run"]["executor"] == "ray" and man["run"]["workers"] == 2 and man["run"]["retries"] == 1
 
     monkeypatch.delenv("GREFINE_TEST_DIE_ONCE")

@@ -111,8 +111,8 @@ def make_job_output(root: Path, save_maps: bool = True) -> tuple[Path, Path]:
         "counts": {"rows": len(ROWS)},
         "run": {"wall_s": 3.2, "items_per_s": 2.5, "executor": "local", "workers": 1},
     }
-    (out / "_grefine").mkdir()
-    (out / "_grefine" / "manifest.json").write_text(json.dumps(manifest))
+    (out / "__grefine__").mkdir()
+    (out / "__grefine__" / "manifest.json").write_text(json.dumps(manifest))
     return inp, out
 
 
@@ -123,7 +123,7 @@ def make_job_output(root: Path, save_maps: bool = True) -> tuple[Path, Path]:
 def test_report_html_is_self_contained(tmp_path):
     _, out = make_job_output(tmp_path)
     path = write_report(out, n_worst=4)
-    assert path == out / "report.html"
+    assert path == out / "__grefine__" / "report.html"
     text = path.read_text()
     for sid in SECTIONS:
         assert f'id="{sid}"' in text
@@ -153,14 +153,14 @@ def test_report_original_missing_is_said_not_crashed(tmp_path):
 
 
 def test_report_needs_a_manifest(tmp_path):
-    with pytest.raises(InputError, match="no _grefine/manifest.json"):
+    with pytest.raises(InputError, match="no __grefine__/manifest.json"):
         write_report(tmp_path)
 
 
 def _manifest(out: Path, mode: str, inputs: list[dict]) -> None:
     preset = load_preset("tiny")
-    (out / "_grefine").mkdir(parents=True)
-    (out / "_grefine" / "manifest.json").write_text(json.dumps({
+    (out / "__grefine__").mkdir(parents=True)
+    (out / "__grefine__" / "manifest.json").write_text(json.dumps({
         "state": "done", "exit_code": 0, "preset": "tiny", "models": {"clip": "tiny/random"},
         "result_config": {"preset": preset.to_dict(), "mode": mode, "columns": {"image": None}},
         "inputs": inputs}))

@@ -26,6 +26,7 @@ from grefine_curate.curate import config
 from grefine_curate.curate.config import Preset
 from grefine_curate.curate.errors import ConfigError, InputError
 from grefine_curate.curate.routing import check_routing
+from grefine_curate.pipelines.layout import migrate_legacy_layout
 from grefine_curate.pipelines.executors import ExecReport, Progress, run_local, run_ray
 from grefine_curate.pipelines.manifest import (
     check_config,
@@ -186,6 +187,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
     shards, caps = [shards[i] for i in keep], [caps[i] for i in keep]
     # 4. Compare with OUT's manifest
     out_fs, out_root = resolve_fs(cfg.out)
+    migrate_legacy_layout(out_fs, out_root)
     draft = preset.clip.image_size if (cfg.mode == "score" and cfg.draft_decode) else None
     rcfg = result_config(preset, cfg.mode, cfg.save_maps, cfg.keep_images, image_format,
                          {"image": cfg.image_column, "prompt": cfg.prompt_column, "id": cfg.id_column}, draft)

@@ -1,6 +1,6 @@
 """`grefine-curate report OUT`: one self-contained HTML page about a curation job's output.
 
-Written at the end of every `run`/`score` (and on demand) as ``OUT/report.html``. Everything is
+Written at the end of every `run`/`score` (and on demand) as ``OUT/__grefine__/report.html``. Everything is
 inline, so the file can be mailed or opened offline: CSS in a <style> block, histograms as inline
 SVG, images as base64 JPEG thumbnails; no script, font or image is fetched from anywhere.
 
@@ -13,7 +13,7 @@ Sections (each an element with a fixed id, which the browser test checks):
     #worst       the N worst items (lowest p, then lowest a): original, PQ-map overlay (red = low
                  perceptual quality, 1 - P), AQ-map overlay (red = needs refinement, A), refined image
     #phrases     the most frequent unmatched phrases (AQ-Map defects)
-    #config      model ids, package versions and the resolved config, from OUT/_grefine/manifest.json
+    #config      model ids, package versions and the resolved config, from OUT/__grefine__/manifest.json
 
 Reading is two passes over the output shards: the scalar columns of every row first (cheap), then
 maps and images only for the rows shown, row group by row group.
@@ -41,6 +41,7 @@ from PIL import Image
 from grefine_curate.curate.errors import ImageError, InputError
 from grefine_curate.curate.images import decode_image
 from grefine_curate.pipelines import columns as C
+from grefine_curate.pipelines.layout import migrate_legacy_layout, report_path
 from grefine_curate.pipelines.sinks import read_json, write_atomic
 from grefine_curate.pipelines.sources import (
     IMAGE_COLUMN_CANDIDATES,
@@ -52,7 +53,6 @@ from grefine_curate.pipelines.sources import (
     safe_relpath,
 )
 
-REPORT_NAME = "report.html"
 THUMB = 176  # long side of the thumbnails, pixels
 HIST_BINS = 20
 N_PHRASES = 30
@@ -308,14 +308,15 @@ table.worst td.meta{font-size:12px;max-width:260px;word-break:break-word}
 
 
 def write_report(out_dir: str | Path, n_worst: int = 24) -> Path:
-    """Write ``OUT/report.html`` for the job output in ``out_dir`` and return its path.
+    """Write ``OUT/__grefine__/report.html`` for the job output in ``out_dir`` and return its path.
 
-    Raises InputError when ``out_dir`` holds no job manifest (``_grefine/manifest.json``).
+    Raises InputError when ``out_dir`` holds no job manifest (``__grefine__/manifest.json``).
     """
     # 1. Check inputs
     if n_worst < 0:
         raise ValueError(f"n_worst must be >= 0, got {n_worst}")
     fs, root = resolve_fs(str(out_dir))
+    migrate_legacy_layout(fs, root)
     manifest = read_json(fs, join(root, f"{STATE_DIR}/manifest.json"))
     if manifest is None:
         raise InputError(
@@ -344,7 +345,7 @@ def write_report(out_dir: str | Path, n_worst: int = 24) -> Path:
             f'<header><h1>{_e(title)}</h1><p>G-Refine curation: PQ-Map (perceptual quality p), AQ-Map (alignment a), '
             f'routing and refinement</p></header><main>{"".join(body)}</main></body></html>')
     # 4. Write it atomically
-    path = join(root, REPORT_NAME)
+    path = report_path(root)
     write_atomic(fs, path, page.encode("utf-8"))
     return Path(path)
 
