@@ -374,7 +374,7 @@ def report(
 def _job(
     inputs, out, mode, preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
     save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
-    models_dir, image_format,
+    models_dir, image_format, scores=None, refine_worst=None, light_next=None,
 ) -> None:
     from grefine_curate.pipelines.job import JobConfig, run_job
 
@@ -385,6 +385,7 @@ def _job(
         save_maps=save_maps, resume=resume, force=force, max_error_rate=max_error_rate, quiet=quiet,
         keep_images=keep_images, image_column=image_column, prompt_column=prompt_column,
         id_column=id_column, models_dir=str(models_dir) if models_dir else None, image_format=image_format.upper(),
+        scores=scores, refine_worst=refine_worst, light_next=light_next,
     )
     summary = run_job(job)
     for line in summary.lines():
@@ -436,13 +437,20 @@ def run(
     id_column: IdColOpt = None,
     models_dir: ModelsDirOpt = None,
     image_format: ImageFormatOpt = "PNG",
+    scores: Annotated[Optional[str], typer.Option("--scores", help="Reuse p, a and unmatched phrases (and maps) from the OUT of an earlier `score` run over the same inputs and scoring config, instead of scoring again: only the images to refine are decoded.")] = None,
+    refine_worst: Annotated[Optional[float], typer.Option("--refine-worst", help="Route 'full' the worst fraction F of the data set, by p and by a (e.g. 0.15), instead of the preset's fixed thresholds; without --scores the job scores everything first.")] = None,
+    light_next: Annotated[Optional[float], typer.Option("--light-next", help="Route 'light' the next fraction G after --refine-worst, by p and by a (default 0).")] = None,
 ) -> None:
-    """Score every image of a data set, route it, refine the low-quality ones, write everything back."""
+    """Score every image of a data set, route it, refine the low-quality ones, write everything back.
+
+    Routing thresholds are the preset's (fixed), or fractions of this data set with --refine-worst /
+    --light-next; the thresholds used are in the manifest, the summary and the report.
+    """
     if mode not in ("refine", "score"):
         _fail(f"--mode must be 'refine' or 'score', got {mode!r}", EXIT_USAGE)
     _job(inputs, out, mode, preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
          save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
-         models_dir, image_format)
+         models_dir, image_format, scores, refine_worst, light_next)
 
 
 @app.command()
