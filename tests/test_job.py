@@ -146,10 +146,10 @@ def test_refine_output_contract(tmp_path):
 def test_score_mode_writes_ids_prompts_scores_and_compact_maps(tmp_path):
     write_dataset(str(tmp_path / "in"), shards=2, rows=4)
     summary = run_job(job(tmp_path, [tmp_path / "in"], mode="score", save_maps=True, id_column="row_key"))
-    assert summary.exit_code == 0 and summary.rows == 8 and summary.routes == {}
+    assert summary.exit_code == 0 and summary.rows == 8 and sum(summary.routes.values()) == 8  # planned routes
     out = pq.read_table(tmp_path / "out" / "part-b" / "shard-001.parquet")
-    assert out.column_names == [C.ID, C.PROMPT, C.STATUS, C.ERROR, C.PQ_SCORE, C.AQ_SCORE, C.UNMATCHED,
-                                C.PQ_MAP, C.AQ_MAP]
+    assert out.column_names == [C.ID, C.PROMPT, C.STATUS, C.ERROR, C.ROUTE, C.ROUTE_PLANNED, C.PQ_SCORE, C.AQ_SCORE,
+                                C.UNMATCHED, C.PQ_MAP, C.AQ_MAP]
     assert out.column(C.ID).to_pylist() == ["4", "5", "6", "7"]
     src = pq.read_table(tmp_path / "in" / "part-b" / "shard-001.parquet")
     assert out.column(C.PROMPT).to_pylist() == src.column("prompt").to_pylist()

@@ -241,3 +241,15 @@ def test_cli_run_with_quantiles_then_with_the_audit_tiny_models(tmp_path, capsys
     again = rows(tmp_path, "again")
     assert again[C.ROUTE] == out[C.ROUTE] and again[C.PQ_SCORE] == out[C.PQ_SCORE]  # same routes, same seeds
     assert manifest(tmp_path, "again")["routing"]["thresholds"] == manifest(tmp_path, "out")["routing"]["thresholds"]
+
+
+def test_report_of_a_score_run_counts_planned_routes_and_names_the_thresholds(tmp_path, fake_engine):
+    write_dataset(str(tmp_path / "in"), shards=1, rows=6)
+    s = ok(run_job(job(tmp_path, "audit", mode="score")))
+    page = (tmp_path / "audit" / "__grefine__" / "report.html").read_text()
+    for route in ("skip", "light", "full"):
+        assert f'data-count="planned:{route}">{s.routes.get(route, 0)}<' in page
+    assert "the preset&#x27;s fixed values" in page and "planned: a score run refines nothing" in page
+    ok(run_job(job(tmp_path, "out", scores=str(tmp_path / "audit"), refine_worst=0.5)))
+    page = (tmp_path / "out" / "__grefine__" / "report.html").read_text()
+    assert "worst 50.0% by p and by a full" in page and "scores reused from" in page

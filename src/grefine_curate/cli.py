@@ -366,6 +366,23 @@ def report(
     typer.echo(f"report written to {path}")
 
 
+@app.command("export")
+def export_cmd(
+    out: Annotated[str, typer.Argument(help="Output folder of a `run` or `score` job.")],
+    to: Annotated[str, typer.Option("--to", help="New (or empty) folder to write the data set to.")],
+    where: Annotated[Optional[str], typer.Option("--where", help="Keep only rows matching this condition: comparisons COLUMN OP VALUE (< <= > >= == !=; a number, 'text' or null) with and/or/not and parentheses, e.g. \"pq_score_after >= 0.6 and grefine_route != 'reverted'\".")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="parquet (Hugging Face image structs), webdataset (.tar shards) or imagefolder (files + metadata.jsonl).")] = "parquet",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Write a job's output as a clean training data set: final images, input columns and scores; error rows
+    (and rows not matching --where) left out and counted."""
+    from grefine_curate.pipelines.export import export as run_export
+
+    summary = run_export(out, to, where=where, fmt=fmt, quiet=quiet)
+    for line in summary.lines():
+        typer.echo(line)
+
+
 # --------------------------------------------------------------------------------------------- #
 # The job
 # --------------------------------------------------------------------------------------------- #

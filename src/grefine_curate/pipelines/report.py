@@ -360,11 +360,29 @@ def _summary(manifest: dict, root: str, rows: list[Row], shards: list[ShardInfo]
         ("rows", f"{len(rows)} in {len(shards)} output shard(s)"),
         ("throughput", f"{run.get('items_per_s', '-')} img/s over {run.get('wall_s', '-')} s "
                        f"({run.get('executor', '-')}, {run.get('workers', '-')} worker(s))" if run else "-"),
+        ("routing thresholds", _thresholds_line(manifest)),
         ("config hash", manifest.get("config_hash")),
         ("updated", manifest.get("updated_at")),
     ]
     trs = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v if v not in (None, '') else '-')}</td></tr>" for k, v in items)
     return f'<section id="summary"><h2>Summary</h2><table class="kv">{trs}</table></section>'
+
+
+def _thresholds_line(manifest: dict) -> str:
+    """The thresholds in force and where they came from (manifest "routing", else the resolved preset)."""
+    info = manifest.get("routing") or {}
+    t = info.get("thresholds") or (((manifest.get("result_config") or {}).get("preset") or {}).get("routing") or {})
+    if not t:
+        return "-"
+    nums = ", ".join(f"{k} {float(t[k]):.4f}" for k in ("light_p", "light_a", "skip_p", "skip_a") if k in t)
+    if info.get("source") == "quantiles":
+        how = (f"from this data set's scores: worst {float(info['refine_worst']):.1%} by p and by a full, next "
+               f"{float(info['light_next']):.1%} light")
+    else:
+        how = "the preset's fixed values"
+    src = f"; scores reused from {info['scores_from']}" if info.get("scores_from") else ""
+    planned = " (planned: a score run refines nothing)" if info.get("planned") else ""
+    return f"{nums} ({how}{src}){planned}"
 
 
 def _counts(rows: list[Row], mode: str) -> str:
@@ -384,6 +402,13 @@ def _counts(rows: list[Row], mode: str) -> str:
             f'<tr><td>{_e(k)}</td><td class="num" data-count="route:{_e(k)}">{routes.get(k, 0)}</td>'
             f'<td class="note">{meaning[k]}</td></tr>' for k in C.ROUTES)
         parts.append(f'<table id="route-counts"><tr><th>route</th><th>rows</th><th></th></tr>{rt}</table>')
+    elif routes:  # score mode: the routes a `run` would take with the thresholds in force (nothing refined)
+        meaning = {"skip": "would be kept as is", "light": "would get stage 2 only",
+                   "full": "would get stage 1 + stage 2"}
+        rt = "".join(
+            f'<tr><td>{_e(k)}</td><td class="num" data-count="planned:{_e(k)}">{routes.get(k, 0)}</td>'
+            f'<td class="note">{meaning[k]}</td></tr>' for k in ("skip", "light", "full"))
+        parts.append(f'<table id="route-counts"><tr><th>planned route</th><th>rows</th><th></th></tr>{rt}</table>')
     else:
         parts.append('<p class="note" id="route-counts">score mode: no routing or refinement.</p>')
     parts.append("</div>")
