@@ -358,11 +358,15 @@ def eval_cmd(
 def report(
     out: Annotated[Path, typer.Argument(help="Output folder of a `run` or `score` job.")],
     worst: Annotated[int, typer.Option("--worst", help="How many of the worst items to show.")] = 24,
+    best: Annotated[int, typer.Option("--best", help="How many of the best items to show.")] = 12,
+    per_route: Annotated[int, typer.Option("--per-route", help="Items shown on each route's page (worst first).")] = 12,
+    table_rows: Annotated[int, typer.Option("--table-rows", help="Rows of the filterable item table (worst first).")] = 2000,
 ) -> None:
-    """(Re)write OUT/report.html: counts, score histograms, the worst items with their maps, unmatched phrases."""
+    """(Re)write OUT/__grefine__/report.html: counts, thresholds, histograms, worst and best items with their maps,
+    a page per route, a filter by phrase, score range and route, unmatched phrases, each item's place in OUT."""
     from grefine_curate.pipelines.report import write_report
 
-    path = write_report(out, n_worst=worst)
+    path = write_report(out, n_worst=worst, n_best=best, n_route=per_route, n_table=table_rows)
     typer.echo(f"report written to {path}")
 
 
