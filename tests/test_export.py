@@ -113,12 +113,18 @@ def test_webdataset_export(tmp_path, refined):
 def test_imagefolder_export_of_a_folder_run_reads_in_datasets(tmp_path, fake_engine):
     datasets = pytest.importorskip("datasets")
     write_folder(str(tmp_path / "imgs"), n=5)
-    run(tmp_path, "fout", [tmp_path / "imgs"])
+    run(tmp_path, "fout", [tmp_path / "imgs"], save_maps=True)
     s = export(str(tmp_path / "fout"), str(tmp_path / "if"), fmt="imagefolder", quiet=True)
-    assert s.rows_written == 5
+    assert s.rows_written == 5 and s.files == 5 * 3 + 1  # images, two maps each, metadata.jsonl
     ds = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "if"), cache_dir=str(tmp_path / "cache"))["train"]
     assert ds.num_rows == 5 and isinstance(ds[0]["image"], Image.Image)
     assert {C.PROMPT, C.SOURCE, C.PQ_SCORE} <= set(ds.column_names)
+    assert isinstance(ds.features[C.PQ_MAP], datasets.Image) and ds[0][C.AQ_MAP].size == (64, 64)
+    # the final image is the folder run's output image
+    first = ds.sort(C.SOURCE)[0]
+    assert first[C.SOURCE] == "img_00.png"
+    assert first["image"].tobytes() == Image.open(tmp_path / "fout" / "images" / "img_00.png").convert(
+        first["image"].mode).tobytes()
 
 
 def test_export_of_a_score_run_takes_images_and_columns_from_the_input(tmp_path, fake_engine):

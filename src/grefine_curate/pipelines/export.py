@@ -25,6 +25,7 @@ Formats:
 - ``imagefolder``: ``DIR/<image files>`` and ``DIR/metadata.jsonl`` (``file_name`` + the columns),
   the Hugging Face imagefolder layout; maps as ``DIR/maps/KEY.pq.png`` named in ``pq_map_file_name``.
 
+An input column named ``image`` that is not the image column is kept as ``image_input_column``.
 Binary input columns other than the image cannot go into JSON (webdataset, imagefolder): they are
 left out there and the summary names them.
 """
@@ -284,7 +285,10 @@ def _exported_table(t: pa.Table, images: list[bytes | None], paths: list[str | N
     cols[IMAGE] = pa.array([{"bytes": b, "path": p or f"{k}.{e}"} for b, p, k, e in zip(images, paths, keys, exts)],
                            IMAGE_STRUCT)
     for name in t.column_names:
-        if name in DROPPED or name == src_image or name == IMAGE:
+        if name in DROPPED or name == src_image:
+            continue
+        if name == IMAGE:  # an input column named like the exported image column (the image is elsewhere)
+            cols["image_input_column"] = t.column(name)
             continue
         col = t.column(name)
         if name in (C.PQ_MAP, C.AQ_MAP):
