@@ -253,3 +253,18 @@ def test_report_of_a_score_run_counts_planned_routes_and_names_the_thresholds(tm
     ok(run_job(job(tmp_path, "out", scores=str(tmp_path / "audit"), refine_worst=0.5)))
     page = (tmp_path / "out" / "__grefine__" / "report.html").read_text()
     assert "worst 50.0% by p and by a full" in page and "scores reused from" in page
+
+
+def test_cli_exit_2_when_the_audit_does_not_match(tmp_path, fake_engine, capsys, monkeypatch):
+    import sys
+
+    from grefine_curate.cli import main
+
+    write_dataset(str(tmp_path / "in"), shards=1, rows=2)
+    ok(run_job(job(tmp_path, "audit", mode="score")))
+    monkeypatch.setattr(sys, "argv", ["grefine-curate", "run", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+                                      "--preset", "sd15", "--scores", str(tmp_path / "audit"), "--executor", "local"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "another scoring config" in err and "clip.model" in err

@@ -497,7 +497,8 @@ def score(
     id_column: IdColOpt = None,
     models_dir: ModelsDirOpt = None,
 ) -> None:
-    """Score-only audit of a data set (same as `run --mode score`): ids, prompts and PQ/AQ scores."""
+    """Score-only audit of a data set (same as `run --mode score`): ids, prompts, PQ/AQ scores and the route a
+    run would take with the preset's thresholds (grefine_route, marked planned). Reuse it with `run --scores`."""
     _job(inputs, out, "score", preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
          save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
          models_dir, "PNG")
