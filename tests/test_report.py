@@ -428,3 +428,12 @@ def test_report_without_random_weights_has_no_banner(tmp_path):
     man["preset"] = man["result_config"]["preset"]["name"] = "sdxl"
     (out / "__grefine__" / "manifest.json").write_text(json.dumps(man))
     assert 'id="random-weights"' not in write_report(out).read_text()
+
+
+def test_report_shows_the_thresholds_refine_worst_would_choose(tmp_path):
+    from grefine_curate.pipelines.thresholds import threshold_at
+
+    _, out = make_job_output(tmp_path)
+    text = section(write_report(out).read_text(), "histograms")
+    ps = [r[1] for r in ROWS if r[1] is not None]
+    assert 'id="quantiles"' in text and f"<td class=num>{threshold_at(np.array(ps), 0.15):.4f}</td>" in text

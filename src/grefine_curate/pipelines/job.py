@@ -194,6 +194,8 @@ def run_job(cfg: JobConfig) -> JobSummary:
     caps = _row_caps([s.num_rows for s in shards], cfg.limit)
     keep = [i for i, (s, c) in enumerate(zip(shards, caps)) if c is None or c > 0]
     shards, caps = [shards[i] for i in keep], [caps[i] for i in keep]
+    out_fs, out_root = resolve_fs(cfg.out)
+    migrate_legacy_layout(out_fs, out_root)  # before anything writes to OUT/__grefine__ (the audit of 3b)
     # 3b. Thresholds and where the scores come from (--scores, --refine-worst, --light-next)
     plan = None
     if cfg.mode == "refine" and (cfg.scores or cfg.refine_worst is not None or cfg.light_next is not None):
@@ -204,8 +206,6 @@ def run_job(cfg: JobConfig) -> JobSummary:
             return stopped
         preset = dataclasses.replace(preset, routing=plan.routing)
     # 4. Compare with OUT's manifest
-    out_fs, out_root = resolve_fs(cfg.out)
-    migrate_legacy_layout(out_fs, out_root)
     draft = preset.clip.image_size if (cfg.mode == "score" and cfg.draft_decode) else None
     rcfg = result_config(preset, cfg.mode, cfg.save_maps, cfg.keep_images, image_format,
                          {"image": cfg.image_column, "prompt": cfg.prompt_column, "id": cfg.id_column}, draft)

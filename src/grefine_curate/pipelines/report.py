@@ -465,7 +465,8 @@ def _histograms(rows: list[Row], routing: dict, mode: str) -> str:
             "unchanged); dashed: routing thresholds (skip when p &ge; skip_p and a &ge; skip_a; full when "
             "p &lt; light_p or a &lt; light_a; light otherwise)." if refine else
             "scores of the input images; dashed: the routing thresholds a `run` would use.")
-    return f'<section id="histograms"><h2>Score distributions</h2><div class="hists">{"".join(svgs)}</div><p class="note">{note}</p></section>'
+    return (f'<section id="histograms"><h2>Score distributions</h2><div class="hists">{"".join(svgs)}</div>'
+            f'<p class="note">{note}</p>{_quantile_table(p_before, a_before)}</section>')
 
 
 def _ranked(rows: list[Row]) -> list[Row]:
@@ -473,6 +474,25 @@ def _ranked(rows: list[Row]) -> list[Row]:
     ok = [r for r in rows if r.status == C.STATUS_OK and r.p is not None]
     ok.sort(key=lambda r: (r.p, r.a if r.a is not None else math.inf))
     return ok
+
+
+QUANTILES = (0.05, 0.10, 0.15, 0.20, 0.30, 0.50)
+
+
+def _quantile_table(p: list[float], a: list[float]) -> str:
+    """The thresholds `run --refine-worst F` would choose, for a few F (scores before refinement)."""
+    if not p:
+        return ""
+    from grefine_curate.pipelines.thresholds import threshold_at
+
+    pv, av = np.asarray(p), np.asarray(a)
+    head = "".join(f"<th>{f:.0%}</th>" for f in QUANTILES)
+    rows = [f'<tr><td>p</td>{"".join(f"<td class=num>{threshold_at(pv, f):.4f}</td>" for f in QUANTILES)}</tr>']
+    if len(av):
+        rows.append(f'<tr><td>a</td>{"".join(f"<td class=num>{threshold_at(av, f):.4f}</td>" for f in QUANTILES)}</tr>')
+    return (f'<table id="quantiles"><tr><th>worst fraction F</th>{head}</tr>{"".join(rows)}</table>'
+            '<p class="note">the scores below which the worst fraction F of the items lie: the light_p / light_a '
+            "thresholds that <code>run --refine-worst F</code> would choose (and skip_p / skip_a for F + G).</p>")
 
 
 def _worst(fs: pafs.FileSystem, root: str, rows: list[Row], shards: list[ShardInfo], manifest: dict, mode: str,
