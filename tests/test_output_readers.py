@@ -44,6 +44,15 @@ def test_out_folder_reads_with_pandas_pyarrow_and_datasets(tmp_path, mode):
     assert _read_three_ways(out, tmp_path) == [6, 6, 6]
 
 
+def test_out_folder_of_a_quantile_run_reads_without_its_inner_audit(tmp_path):
+    """The score pass of --refine-worst lives in OUT/__grefine__/audit: the readers skip it too."""
+    write_dataset(str(tmp_path / "in"), shards=2, rows=3)
+    out = tmp_path / "out"
+    _run(tmp_path, out, refine_worst=0.0)
+    assert list((out / "__grefine__" / "audit").rglob("*.parquet"))
+    assert _read_three_ways(out, tmp_path) == [6, 6, 6]
+
+
 def test_legacy_layout_is_moved_and_resumed(tmp_path):
     """An OUT written with state in _grefine/ and OUT/report.html resumes (no shard recomputed) and reads."""
     write_dataset(str(tmp_path / "in"), shards=2, rows=2)
