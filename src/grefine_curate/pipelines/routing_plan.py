@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,11 @@ def quantile_of(refine_worst: float | None, light_next: float | None) -> Quantil
     return q
 
 
+def _say(cfg: Any, msg: str) -> None:
+    if not cfg.quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
 def plan_routing(cfg: Any, preset: Preset, shards: list[Shard], caps: list[int | None]):
     """(RoutingPlan, None), or (None, the score pass's JobSummary) when that pass failed or was interrupted.
 
@@ -57,6 +63,7 @@ def plan_routing(cfg: Any, preset: Preset, shards: list[Shard], caps: list[int |
         first = dataclasses.replace(
             cfg, out=scores, mode="score", scores=None, refine_worst=None, light_next=None, keep_images=False,
             max_error_rate=1.0, write_report=False)
+        _say(cfg, f"pass 1 of 2: scoring every image to choose the thresholds (--refine-worst/--light-next) into {scores}")
         summary = run_job(first)
         if summary.exit_code not in (EXIT_OK, EXIT_ERROR_RATE):  # error rows are judged on the refine run
             summary.notes.append(f"the score pass of --refine-worst/--light-next stopped; rerun the same command "
@@ -73,6 +80,11 @@ def plan_routing(cfg: Any, preset: Preset, shards: list[Shard], caps: list[int |
         routing = quantile_routing(p, a, q)
         info = describe(routing, q, n_p=len(p), n_a=len(a), scores_from=scores)
     check_routing(routing)
+    if q is not None:
+        t = info["thresholds"]
+        _say(cfg, f"{'pass 2 of 2: ' if cfg.scores is None else ''}routing with thresholds from {len(p)} scored items: "
+                  f"full when p < {t['light_p']:.4f} or a < {t['light_a']:.4f}; skip when p >= {t['skip_p']:.4f} "
+                  f"and a >= {t['skip_a']:.4f}")
     return RoutingPlan(routing=routing, audit=audit, info=info), None
 
 
