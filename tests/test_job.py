@@ -297,3 +297,25 @@ def test_progress_bars_on_a_terminal_plain_lines_otherwise_nothing_when_quiet(mo
     p.shard_done(res)
     p.say("shard failed: x", always=True)
     assert quiet.getvalue() == "shard failed: x\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# First-run bugs (issue #11)
+
+
+def test_a_failed_start_does_not_lock_its_output_folder(tmp_path, monkeypatch):
+    from grefine_curate.curate.errors import ModelUnavailableError
+
+    write_dataset(str(tmp_path / "in"), shards=1, rows=2)
+
+    def cannot_load(spec):
+        raise ModelUnavailableError("weights of the stage-1 model are not available (simulated)")
+
+    monkeypatch.setattr(executors, "cached_engine", cannot_load)
+    with pytest.raises(ModelUnavailableError):
+        run_job(job(tmp_path, [tmp_path / "in"], overrides={"aq": {"beta": 0.3}}))
+    man = json.loads((tmp_path / "out" / "_grefine" / "manifest.json").read_text())
+    assert man["state"] == "failed" and "simulated" in man["error"]  # not "running" forever
+    monkeypatch.undo()
+    retry = run_job(job(tmp_path, [tmp_path / "in"]))  # another config, same OUT: nothing was written, no lock
+    assert retry.exit_code == 0 and retry.rows == 2

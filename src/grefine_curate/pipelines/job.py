@@ -242,6 +242,10 @@ def run_job(cfg: JobConfig) -> JobSummary:
                              gpus_per_worker=cfg.gpus_per_worker, max_attempts=cfg.max_attempts)
     except KeyboardInterrupt:
         report.interrupted = True
+    except BaseException as e:  # a failed start (models, cluster): the manifest must not say "running"
+        write_manifest(out_fs, out_root, {**base, "state": "failed", "exit_code": exit_code_for(e),
+                                          "error": f"{type(e).__name__}: {e}"})
+        raise
     finally:
         progress.close()
     # 8. Manifest and summary (counts over every complete shard, this run's and earlier ones)
