@@ -319,3 +319,24 @@ def test_a_failed_start_does_not_lock_its_output_folder(tmp_path, monkeypatch):
     monkeypatch.undo()
     retry = run_job(job(tmp_path, [tmp_path / "in"]))  # another config, same OUT: nothing was written, no lock
     assert retry.exit_code == 0 and retry.rows == 2
+
+
+
+def test_missing_weights_are_found_before_any_executor_starts(tmp_path, monkeypatch):
+    from grefine_curate.curate.errors import ModelUnavailableError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write_dataset(str(tmp_path / "in"), shards=1, rows=2)
+
+    def no_start(*args, **kwargs):
+        raise AssertionError("an executor was started before the weights were checked")
+
+    monkeypatch.setattr(executors, "init_ray", no_start)
+    monkeypatch.setattr(executors, "cached_engine", no_start)
+    for mode in ("score", "refine"):  # the executors above fail the test if they are reached first
+        with pytest.raises(ModelUnavailableError) as e:
+            run_job(job(tmp_path, [tmp_path / "in"], preset="sdxl", executor="ray", mode=mode,
+                        models_dir=str(tmp_path / "models")))
+        msg = str(e.value)
+        assert "ViT-B-16-quickgelu" in msg and str(tmp_path / "models") in msg and "models pull" in msg
+    assert not (tmp_path / "out" / "_grefine" / "manifest.json").exists()  # nothing written

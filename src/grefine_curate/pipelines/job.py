@@ -38,6 +38,7 @@ from grefine_curate.pipelines.manifest import (
     totals,
     write_manifest,
 )
+from grefine_curate.pipelines.models import check_weights
 from grefine_curate.pipelines.processor import EngineSpec, ProcessOptions, ShardTask
 from grefine_curate.pipelines.sinks import clean_stale_temporaries
 from grefine_curate.pipelines.sources import STATE_DIR, TMP_MARK, ColumnSpec, discover, fs_uri, join, resolve_fs
@@ -174,6 +175,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
     # 2. Resolve the preset (and check what the models only read later)
     preset = resolve_preset(cfg)
     check_routing(preset.routing)
+    check_weights(preset, cfg.mode, cfg.models_dir)  # seconds, before Ray or any model starts
     # 3. Find and check every input shard (metadata only)
     columns = ColumnSpec(image=cfg.image_column, prompt=cfg.prompt_column, id=cfg.id_column)
     shards = discover(cfg.inputs, columns, out=cfg.out, folder_shard_size=cfg.folder_shard_size)
