@@ -340,3 +340,31 @@ def test_missing_weights_are_found_before_any_executor_starts(tmp_path, monkeypa
         msg = str(e.value)
         assert "ViT-B-16-quickgelu" in msg and str(tmp_path / "models") in msg and "models pull" in msg
     assert not (tmp_path / "out" / "_grefine" / "manifest.json").exists()  # nothing written
+
+
+
+def test_a_smaller_limit_never_shrinks_a_finished_output_silently(tmp_path):
+    write_dataset(str(tmp_path / "in"), shards=2, rows=5)
+    assert run_job(job(tmp_path, [tmp_path / "in"], mode="score")).rows == 10
+    with pytest.raises(ConfigError) as e:
+        run_job(job(tmp_path, [tmp_path / "in"], mode="score", limit=2))
+    msg = str(e.value)
+    assert "--limit 2" in msg and "part-a/shard-000.parquet" in msg and "5 rows" in msg and "--force" in msg
+    assert pq.read_table(tmp_path / "out" / "part-a" / "shard-000.parquet").num_rows == 5  # untouched
+    forced = run_job(job(tmp_path, [tmp_path / "in"], mode="score", limit=2, force=True))
+    assert forced.rows == 2 and any("removed" in n and "--limit" in n for n in forced.notes)
+    assert pq.read_table(tmp_path / "out" / "part-a" / "shard-000.parquet").num_rows == 2
+    assert files_under(tmp_path / "out" / "part-b") == []  # the shard past the limit: removed, and said so
+    assert files_under(tmp_path / "out" / "_grefine" / "shards" / "part-b") == []
+
+
+
+def test_a_smaller_limit_on_a_folder_leaves_no_stale_images(tmp_path):
+    rels = write_folder(str(tmp_path / "imgs"), n=5)
+    assert run_job(job(tmp_path, [tmp_path / "imgs"])).rows == 5
+    with pytest.raises(ConfigError):
+        run_job(job(tmp_path, [tmp_path / "imgs"], limit=2))
+    assert len(files_under(tmp_path / "out" / "images")) == 5
+    forced = run_job(job(tmp_path, [tmp_path / "imgs"], limit=2, force=True))
+    assert forced.rows == 2
+    assert files_under(tmp_path / "out" / "images") == sorted(rels)[:2]

@@ -38,6 +38,7 @@ from grefine_curate.pipelines.manifest import (
     totals,
     write_manifest,
 )
+from grefine_curate.pipelines.limits import find_shrinks, refuse_shrink, remove_past_limit
 from grefine_curate.pipelines.models import check_weights
 from grefine_curate.pipelines.processor import EngineSpec, ProcessOptions, ShardTask
 from grefine_curate.pipelines.sinks import clean_stale_temporaries
@@ -184,15 +185,18 @@ def run_job(cfg: JobConfig) -> JobSummary:
         names = ", ".join(s.path for s in shards[:3]) + (", ..." if len(shards) > 3 else "")
         raise InputError(f"the input has no rows ({len(shards)} shard(s) found, all empty: {names}): nothing to do")
     caps = _row_caps([s.num_rows for s in shards], cfg.limit)
+    out_fs, out_root = resolve_fs(cfg.out)
+    shrinks = find_shrinks(out_fs, out_root, shards, caps)  # a smaller --limit than OUT's finished rows
     keep = [i for i, (s, c) in enumerate(zip(shards, caps)) if c is None or c > 0]
     shards, caps = [shards[i] for i in keep], [caps[i] for i in keep]
     # 4. Compare with OUT's manifest
-    out_fs, out_root = resolve_fs(cfg.out)
     draft = preset.clip.image_size if (cfg.mode == "score" and cfg.draft_decode) else None
     rcfg = result_config(preset, cfg.mode, cfg.save_maps, cfg.keep_images, image_format,
                          {"image": cfg.image_column, "prompt": cfg.prompt_column, "id": cfg.id_column}, draft)
     fingerprint = config_hash(rcfg)
     check_config(out_fs, out_root, rcfg, cfg.force)
+    if shrinks and not cfg.force:
+        refuse_shrink(shrinks, cfg.limit, out_root)
     try:
         out_fs.create_dir(out_root, recursive=True)
         write_probe = join(out_root, f"{STATE_DIR}/.write-probe{TMP_MARK}")
@@ -205,6 +209,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
                          "choose a writable location") from e
     # 5. Stale temporaries of a killed run
     removed = clean_stale_temporaries(out_fs, out_root)
+    limit_note = remove_past_limit(out_fs, out_root, shrinks, cfg.limit) if shrinks else None
     # 6. Resume: complete shards are skipped
     states = shard_states(out_fs, out_root, shards, caps, fingerprint, cfg.resume)
     tasks = [ShardTask(shard=st.shard, out_fs=out_fs, out_root=out_root, row_cap=st.row_cap)
@@ -268,7 +273,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
         state, code = "error-rate", EXIT_ERROR_RATE
     else:
         state, code = "done", EXIT_OK
-    notes = []
+    notes = [limit_note] if limit_note else []
     if code == EXIT_ERROR_RATE:
         notes.append(f"error rate {error_rate:.1%} is above --max-error-rate {cfg.max_error_rate:.1%}; "
                      f"the messages are in the {'grefine_error'} column")
