@@ -368,3 +368,17 @@ def test_a_smaller_limit_on_a_folder_leaves_no_stale_images(tmp_path):
     forced = run_job(job(tmp_path, [tmp_path / "imgs"], limit=2, force=True))
     assert forced.rows == 2
     assert files_under(tmp_path / "out" / "images") == sorted(rels)[:2]
+
+
+
+def test_seed_is_exact_on_every_row_error_rows_included(tmp_path, fake_engine):
+    import zlib
+
+    rows = [jpeg(0), b"broken", jpeg(1)]
+    pq.write_table(pa.table({"image": rows, "prompt": ["a cat", "a dog", "a cow"]}), tmp_path / "s.parquet")
+    assert run_job(job(tmp_path, [tmp_path / "s.parquet"], max_error_rate=1.0)).exit_code == 0
+    t = pq.read_table(tmp_path / "out" / "s.parquet")
+    assert t.column(C.STATUS).to_pylist() == ["ok", "error", "ok"]
+    df = t.to_pandas()
+    assert str(df[C.SEED].dtype) == "int64"  # a null would make pandas read float64 and round the seed
+    assert df[C.SEED].tolist() == [zlib.crc32(f"s.parquet#{i}".encode()) for i in range(3)]

@@ -272,6 +272,9 @@ def _run_isolated(fn, items: list[Item], stage: str, call) -> None:
 
 def run_models(items: list[Item], engine: Engine, opts: ProcessOptions) -> None:
     """Steps 3-4 for a decoded batch: scores (and routes, seeds, refinement in refine mode), in place."""
+    if opts.mode == "refine":
+        for it in items:  # every row gets its seed, error rows included: an int64 column without nulls
+            it.seed = engine.item_seed(it.item_id)  # (pandas would read nulls as float64 and round it)
     good = [it for it in items if it.error is None]
 
     def set_score(it: Item, r: ScoreResult) -> None:
@@ -285,7 +288,6 @@ def run_models(items: list[Item], engine: Engine, opts: ProcessOptions) -> None:
         if it.error is not None or it.score is None:
             continue
         try:
-            it.seed = engine.item_seed(it.item_id)
             it.route = engine.route(it.score.p, it.score.a)
         except Exception as e:  # noqa: BLE001
             it.error = _error_text(it.item_id, "routing", e)
@@ -356,7 +358,7 @@ def _score_columns(items: Sequence[Item], opts: ProcessOptions, refine: bool) ->
         pa.list_(pa.string()),
     )
     if refine:
-        cols[C.SEED] = pa.array([it.seed if k else None for it, k in zip(items, ok)], pa.int64())
+        cols[C.SEED] = pa.array([it.seed for it in items], pa.int64())
     if opts.save_maps:
         cols[C.PQ_MAP] = pa.array([it.pq_png if k else None for it, k in zip(items, ok)], pa.binary())
         cols[C.AQ_MAP] = pa.array([it.aq_png if k else None for it, k in zip(items, ok)], pa.binary())
