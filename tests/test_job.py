@@ -148,8 +148,8 @@ def test_score_mode_writes_ids_prompts_scores_and_compact_maps(tmp_path):
     summary = run_job(job(tmp_path, [tmp_path / "in"], mode="score", save_maps=True, id_column="row_key"))
     assert summary.exit_code == 0 and summary.rows == 8 and summary.routes == {}
     out = pq.read_table(tmp_path / "out" / "part-b" / "shard-001.parquet")
-    assert out.column_names == [C.ID, C.PROMPT, C.STATUS, C.ERROR, C.PQ_SCORE, C.AQ_SCORE, C.UNMATCHED,
-                                C.PQ_MAP, C.AQ_MAP]
+    assert out.column_names == [C.ID, C.PROMPT, "prompt", "row_key", "meta", C.STATUS, C.ERROR, C.PQ_SCORE,
+                                C.AQ_SCORE, C.UNMATCHED, C.PQ_MAP, C.AQ_MAP]  # input columns but the image kept
     assert out.column(C.ID).to_pylist() == ["4", "5", "6", "7"]
     src = pq.read_table(tmp_path / "in" / "part-b" / "shard-001.parquet")
     assert out.column(C.PROMPT).to_pylist() == src.column("prompt").to_pylist()
@@ -382,3 +382,37 @@ def test_seed_is_exact_on_every_row_error_rows_included(tmp_path, fake_engine):
     df = t.to_pandas()
     assert str(df[C.SEED].dtype) == "int64"  # a null would make pandas read float64 and round the seed
     assert df[C.SEED].tolist() == [zlib.crc32(f"s.parquet#{i}".encode()) for i in range(3)]
+
+
+def test_hugging_face_schema_metadata_is_kept_in_every_parquet_output(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    write_shard(str(tmp_path / "in" / "hf.parquet"), 3, struct=True)
+    for name, kw in (("kept", {"mode": "score", "keep_images": True}), ("scores", {"mode": "score"}),
+                     ("refined", {"mode": "refine"})):
+        assert run_job(job(tmp_path, [tmp_path / "in"], out=tmp_path / name, **kw)).exit_code == 0
+        table = pq.read_table(tmp_path / name / "hf.parquet")
+        assert b"huggingface" in (table.schema.metadata or {}), name
+        ds = datasets.Dataset(table)  # raises when the declared features and the columns disagree
+        has_image = "image" in table.column_names
+        assert has_image == (name != "scores")
+        if has_image:  # still an image to `datasets`, not a struct of bytes
+            assert isinstance(ds.features["image"], datasets.Image), name
+        assert ds.features["prompt"] == datasets.Value("string")
+
+
+def test_an_id_column_is_picked_automatically_and_input_columns_are_kept_in_score_mode(tmp_path):
+    (tmp_path / "in").mkdir()
+    for i, id_name in enumerate(("id", "key", "uid")):
+        pq.write_table(pa.table({"image": [jpeg(0), jpeg(1)], "prompt": ["a cat", "a dog"],
+                                 id_name: [f"k{i}0", f"k{i}1"], "license": ["cc-by", "cc0"]}),
+                       tmp_path / "in" / f"{id_name}.parquet")
+    assert run_job(job(tmp_path, [tmp_path / "in"], mode="score")).exit_code == 0
+    for i, id_name in enumerate(("id", "key", "uid")):
+        out = pq.read_table(tmp_path / "out" / f"{id_name}.parquet")
+        assert out.column(C.ID).to_pylist() == [f"k{i}0", f"k{i}1"]
+        assert out.column(id_name).to_pylist() == [f"k{i}0", f"k{i}1"]  # the input's columns, for joins
+        assert out.column("license").to_pylist() == ["cc-by", "cc0"] and "image" not in out.column_names
+    bare = run_job(job(tmp_path, [tmp_path / "in"], out=tmp_path / "bare", mode="score", input_columns=False))
+    assert bare.exit_code == 0
+    out = pq.read_table(tmp_path / "bare" / "id.parquet")
+    assert out.column_names == [C.ID, C.PROMPT, C.STATUS, C.ERROR, C.PQ_SCORE, C.AQ_SCORE, C.UNMATCHED]

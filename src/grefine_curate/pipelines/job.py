@@ -73,6 +73,7 @@ class JobConfig:
     max_error_rate: float = 0.1  # exit code 3 when error rows / rows exceeds this
     quiet: bool = False  # no progress bars or log lines (failures are still printed)
     keep_images: bool = False  # score mode: keep the image bytes (Parquet) / copy images (folders)
+    input_columns: bool = True  # score mode, Parquet input: keep the input's other columns in the output
     image_column: str | None = None  # None: first of image, img, jpg, jpeg, png, webp, image_bytes
     prompt_column: str | None = None  # None: first of prompt, text, caption, txt (none found: PQ only)
     id_column: str | None = None  # None: "<shard relative path>#<row index>"
@@ -193,6 +194,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
     draft = preset.clip.image_size if (cfg.mode == "score" and cfg.draft_decode) else None
     rcfg = result_config(preset, cfg.mode, cfg.save_maps, cfg.keep_images, image_format,
                          {"image": cfg.image_column, "prompt": cfg.prompt_column, "id": cfg.id_column}, draft)
+    rcfg["input_columns"] = cfg.input_columns
     fingerprint = config_hash(rcfg)
     check_config(out_fs, out_root, rcfg, cfg.force)
     if shrinks and not cfg.force:
@@ -230,7 +232,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
     write_manifest(out_fs, out_root, base)
     # 7. Run
     opts = ProcessOptions(mode=cfg.mode, batch_size=cfg.batch_size, save_maps=cfg.save_maps,
-                          keep_images=cfg.keep_images, image_format=image_format, max_pixels=preset.max_pixels,
+                          keep_images=cfg.keep_images, input_columns=cfg.input_columns, image_format=image_format, max_pixels=preset.max_pixels,
                           draft_size=draft, decode_threads=cfg.decode_threads, seed=preset.seed,
                           fingerprint=fingerprint)
     spec = EngineSpec(preset=preset, mode=cfg.mode, models_dir=cfg.models_dir)
