@@ -416,3 +416,13 @@ def test_an_id_column_is_picked_automatically_and_input_columns_are_kept_in_scor
     assert bare.exit_code == 0
     out = pq.read_table(tmp_path / "bare" / "id.parquet")
     assert out.column_names == [C.ID, C.PROMPT, C.STATUS, C.ERROR, C.PQ_SCORE, C.AQ_SCORE, C.UNMATCHED]
+
+
+def test_out_equal_to_an_input_folder_is_said(tmp_path):
+    write_folder(str(tmp_path / "imgs"), n=2)
+    for out in (tmp_path / "imgs", tmp_path):  # the input folder itself, or a folder around it
+        with pytest.raises(InputError) as e:
+            run_job(job(tmp_path, [tmp_path / "imgs"], out=out))
+        msg = str(e.value)
+        assert "--out" in msg and str(tmp_path / "imgs") in msg and "no input found" not in msg
+    assert not (tmp_path / "imgs" / "_grefine").exists()

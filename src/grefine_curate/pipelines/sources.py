@@ -371,6 +371,13 @@ def discover(inputs: list[str], columns: ColumnSpec = ColumnSpec(), out: str | N
     shards: list[Shard] = []
     for uri in inputs:
         fs, path = resolve_fs(uri)
+        base = path.split("*")[0].split("?")[0].split("[")[0].rstrip("/") or "/"
+        if out_path and _inside(base, out_path):  # outputs are never read back: nothing would be found
+            raise InputError(
+                f"{uri}: this input is {'the --out folder itself' if base == out_path else 'inside --out ' + out_path}; "
+                "a job never reads its own output folder as input. Choose an --out outside the input, "
+                f"e.g. {base.rstrip('/')}-curated"
+            )
         found = _discover_one(fs, path, uri, columns, out_path, folder_shard_size)
         if not found:
             raise InputError(
