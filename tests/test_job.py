@@ -426,3 +426,12 @@ def test_out_equal_to_an_input_folder_is_said(tmp_path):
         msg = str(e.value)
         assert "--out" in msg and str(tmp_path / "imgs") in msg and "no input found" not in msg
     assert not (tmp_path / "imgs" / "_grefine").exists()
+
+
+def test_no_resume_recomputes_a_changed_config_without_force(tmp_path):
+    write_dataset(str(tmp_path / "in"), shards=1, rows=2)
+    assert run_job(job(tmp_path, [tmp_path / "in"], mode="score")).exit_code == 0
+    s = run_job(job(tmp_path, [tmp_path / "in"], mode="score", overrides={"aq": {"beta": 0.3}}, resume=False))
+    assert s.exit_code == 0 and s.shards_run == 1  # every row is rewritten: nothing of two configs mixes
+    man = json.loads((tmp_path / "out" / "_grefine" / "manifest.json").read_text())
+    assert man["result_config"]["preset"]["aq"]["beta"] == 0.3

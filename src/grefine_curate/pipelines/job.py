@@ -196,7 +196,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
                          {"image": cfg.image_column, "prompt": cfg.prompt_column, "id": cfg.id_column}, draft)
     rcfg["input_columns"] = cfg.input_columns
     fingerprint = config_hash(rcfg)
-    check_config(out_fs, out_root, rcfg, cfg.force)
+    check_config(out_fs, out_root, rcfg, cfg.force or not cfg.resume)  # --no-resume rewrites every row
     if shrinks and not cfg.force:
         refuse_shrink(shrinks, cfg.limit, out_root)
     try:
