@@ -435,3 +435,24 @@ def test_no_resume_recomputes_a_changed_config_without_force(tmp_path):
     assert s.exit_code == 0 and s.shards_run == 1  # every row is rewritten: nothing of two configs mixes
     man = json.loads((tmp_path / "out" / "_grefine" / "manifest.json").read_text())
     assert man["result_config"]["preset"]["aq"]["beta"] == 0.3
+
+
+def test_interrupted_summary_agrees_with_the_shards_on_disk(tmp_path, monkeypatch):
+    """Ctrl-C with Ray: a worker may finish a shard the driver has not heard of yet; the summary counts
+    complete shards from their markers, and says which are unfinished."""
+    from grefine_curate.pipelines import job as job_module
+
+    write_dataset(str(tmp_path / "in"), shards=3, rows=2)
+    real = executors.run_local
+
+    def interrupted(tasks, spec, opts, progress):
+        rep = real(tasks[:2], spec, opts, progress)  # two shards finish on disk ...
+        rep.results, rep.interrupted = rep.results[:1], True  # ... the driver saw one when Ctrl-C came
+        return rep
+
+    monkeypatch.setattr(job_module, "run_local", interrupted)
+    s = run_job(job(tmp_path, [tmp_path / "in"], mode="score"))
+    assert (s.exit_code, s.rows, s.shards_run, s.rows_this_run) == (130, 4, 2, 4)
+    assert s.lines()[0].startswith("interrupted: 4 rows in 2 of 3 shards") and "1 unfinished" in s.lines()[0]
+    man = json.loads((tmp_path / "out" / "_grefine" / "manifest.json").read_text())
+    assert man["run"]["rows"] == 4 and man["run"]["shards_run"] == 2

@@ -112,9 +112,13 @@ class JobSummary:
     def lines(self) -> list[str]:
         """A short human-readable report (the CLI prints it)."""
         routes = ", ".join(f"{k} {v}" for k, v in sorted(self.routes.items())) or "-"
+        complete = self.shards_run + self.shards_skipped
+        unfinished = self.shards_total - complete - len(self.shards_failed)
         out = [
-            f"{self.state}: {self.rows} rows in {self.shards_total} shards under {self.out} "
-            f"({self.shards_run} run now, {self.shards_skipped} already complete, {len(self.shards_failed)} failed)",
+            f"{self.state}: {self.rows} rows in "
+            f"{self.shards_total if complete == self.shards_total else f'{complete} of {self.shards_total}'} shards "
+            f"under {self.out} ({self.shards_run} run now, {self.shards_skipped} already complete, "
+            f"{len(self.shards_failed)} failed{f', {unfinished} unfinished' if unfinished > 0 else ''})",
             f"status: ok {self.status.get('ok', 0)}, error {self.status.get('error', 0)} "
             f"(error rate {self.error_rate:.1%})" + (f"; routes: {routes}" if self.mode == "refine" else ""),
             f"this run: {self.rows_this_run} rows in {self.wall_s:.1f}s ({self.items_per_s:.1f} img/s after "
@@ -265,7 +269,11 @@ def run_job(cfg: JobConfig) -> JobSummary:
     errors = tot["status"].get("error", 0)
     error_rate = errors / rows if rows else 0.0
     wall = time.perf_counter() - t0
-    rows_run = sum(r.rows for r in report.results)
+    # This run's shards from the markers, not from what the driver heard: after Ctrl-C a Ray worker
+    # may have finished a shard (output and marker on disk, complete) whose result never arrived.
+    before = {st.shard.rel for st in states if st.complete}
+    done_now = [st for st in after if st.complete and st.shard.rel not in before]
+    rows_run = sum(int(st.marker.get("rows", 0)) for st in done_now)
     busy = max(wall - report.startup_s, 1e-9)
     if report.interrupted:
         state, code = "interrupted", EXIT_INTERRUPTED
@@ -281,7 +289,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
                      f"the messages are in the {'grefine_error'} column")
     summary = JobSummary(
         out=out_root, mode=cfg.mode, state=state, exit_code=code, config_hash=fingerprint,
-        shards_total=len(shards), shards_run=len(report.results), shards_skipped=skipped,
+        shards_total=len(shards), shards_run=len(done_now), shards_skipped=skipped,
         shards_failed=report.failures, rows=rows, status=tot["status"], routes=tot["routes"],
         error_rate=error_rate, rows_this_run=rows_run, wall_s=wall, startup_s=report.startup_s,
         items_per_s=rows_run / busy, retries=report.retries, manifest=manifest_path(out_root),
@@ -295,7 +303,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
                    "shards_complete": len(markers), "shards_total": len(shards)},
         "failures": [{"shard": r, "error": m} for r, m in report.failures],
         "run": {"wall_s": round(wall, 3), "startup_s": round(report.startup_s, 3), "rows": rows_run,
-                "items_per_s": round(rows_run / busy, 3), "shards_run": len(report.results),
+                "items_per_s": round(rows_run / busy, 3), "shards_run": len(done_now),
                 "shards_skipped": skipped, "retries": report.retries, "workers": report.workers,
                 "executor": cfg.executor},
     })
