@@ -456,3 +456,15 @@ def test_interrupted_summary_agrees_with_the_shards_on_disk(tmp_path, monkeypatc
     assert s.lines()[0].startswith("interrupted: 4 rows in 2 of 3 shards") and "1 unfinished" in s.lines()[0]
     man = json.loads((tmp_path / "out" / "_grefine" / "manifest.json").read_text())
     assert man["run"]["rows"] == 4 and man["run"]["shards_run"] == 2
+
+
+def test_progress_bars_start_with_the_work_so_start_up_output_stays_readable():
+    """Ray prints a notice while it starts (token authentication); bars drawn before it would be torn."""
+    tty = _Stream(True)
+    p = Progress(total_items=8, total_shards=2, stream=tty)
+    assert tty.getvalue() == ""  # nothing drawn during start-up (Ray init, model loading)
+    p.say("resume: 1 of 2 shards already complete")
+    assert tty.getvalue() == "resume: 1 of 2 shards already complete\n"
+    p.items(4)
+    p.close()
+    assert "4/8" in tty.getvalue() and "img/s" in tty.getvalue()
