@@ -468,3 +468,17 @@ def test_progress_bars_start_with_the_work_so_start_up_output_stays_readable():
     p.items(4)
     p.close()
     assert "4/8" in tty.getvalue() and "img/s" in tty.getvalue()
+
+
+def test_a_complete_output_reruns_without_weights(tmp_path, monkeypatch):
+    write_dataset(str(tmp_path / "in"), shards=1, rows=2)
+    assert run_job(job(tmp_path, [tmp_path / "in"], mode="score")).exit_code == 0
+
+    def missing(*args):
+        raise AssertionError("weights checked although no shard is left to run")
+
+    from grefine_curate.pipelines import job as job_module
+
+    monkeypatch.setattr(job_module, "check_weights", missing)
+    again = run_job(job(tmp_path, [tmp_path / "in"], mode="score"))
+    assert again.exit_code == 0 and again.shards_skipped == 1

@@ -181,7 +181,6 @@ def run_job(cfg: JobConfig) -> JobSummary:
     # 2. Resolve the preset (and check what the models only read later)
     preset = resolve_preset(cfg)
     check_routing(preset.routing)
-    check_weights(preset, cfg.mode, cfg.models_dir)  # seconds, before Ray or any model starts
     # 3. Find and check every input shard (metadata only)
     columns = ColumnSpec(image=cfg.image_column, prompt=cfg.prompt_column, id=cfg.id_column)
     shards = discover(cfg.inputs, columns, out=cfg.out, folder_shard_size=cfg.folder_shard_size)
@@ -215,12 +214,14 @@ def run_job(cfg: JobConfig) -> JobSummary:
                          "choose a writable location") from e
     # 5. Stale temporaries of a killed run
     removed = clean_stale_temporaries(out_fs, out_root)
-    limit_note = remove_past_limit(out_fs, out_root, shrinks, cfg.limit) if shrinks else None
     # 6. Resume: complete shards are skipped
     states = shard_states(out_fs, out_root, shards, caps, fingerprint, cfg.resume)
     tasks = [ShardTask(shard=st.shard, out_fs=out_fs, out_root=out_root, row_cap=st.row_cap)
              for st in states if not st.complete]
     skipped = len(states) - len(tasks)
+    if tasks:  # seconds, before Ray or any model starts (a complete OUT reruns without weights)
+        check_weights(preset, cfg.mode, cfg.models_dir)
+    limit_note = remove_past_limit(out_fs, out_root, shrinks, cfg.limit) if shrinks else None  # --force only
     base = {
         "state": "running",
         "config_hash": fingerprint,
