@@ -255,3 +255,15 @@ def test_train_pq_suggests_its_own_options(mos_parquet, tmp_path, capsys):
     code, _, err = run_cli(["train-pq", str(mos_parquet), "--out", str(tmp_path / "p.safetensors"), "--preset", "tiny",
                             "--mos", "overall=dmos", "-q"], capsys)
     assert code == 2 and "dmos" in err and "--mos FACTOR=COLUMN" in err and "--mos-column" not in err
+
+
+def test_maps_and_masks_are_encoded_by_their_extension_or_refused(image_file, tmp_path, capsys):
+    code, _, err = run_cli(["pq", str(image_file), "--preset", "tiny", "--save-map", str(tmp_path / "p.jpg")], capsys)
+    assert code == 0, err
+    assert Image.open(tmp_path / "p.jpg").format == "JPEG" and Image.open(tmp_path / "p.jpg").size == (80, 48)
+    code, _, err = run_cli(["aq", str(image_file), "--prompt", "a cat", "--preset", "tiny",
+                            "--save-map", str(tmp_path / "a.tga")], capsys)
+    assert code == 2 and "a.tga" in err and ".png" in err
+    code, _, err = run_cli(["refine", str(image_file), "--prompt", "a cat", "--preset", "tiny", "--out",
+                            str(tmp_path / "r.png"), "--save-mask", str(tmp_path / "m.bmp")], capsys)
+    assert code == 2 and "m.bmp" in err and not (tmp_path / "r.png").exists()

@@ -105,6 +105,29 @@ def _write(path: Path, data: bytes) -> None:
         _fail(f"cannot write {path}: {e.strerror or e}", EXIT_USAGE)
 
 
+# Formats image files are written in, by the file's extension (the bytes must match what the name says).
+OUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def _out_format(path: Path, option: str) -> str:
+    fmt = OUT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        _fail(f"{option} {path}: cannot tell the image format from {path.suffix or 'a name without extension'!r}; "
+              f"end the name with one of {', '.join(OUT_FORMATS)}", EXIT_USAGE)
+    return fmt
+
+
+def _map_bytes(m, fmt: str) -> bytes:
+    """A map in [0, 1] as 8-bit grey in ``fmt`` (PNG keeps it exact)."""
+    import numpy as np
+    from PIL import Image
+
+    from grefine_curate.curate.images import encode_image
+
+    arr = np.clip(np.asarray(m, dtype=np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return encode_image(Image.fromarray(arr, "L"), fmt)
+
+
 def _print_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=2, default=float))
 
@@ -151,20 +174,19 @@ def pq(
     preset: PresetOpt = "sdxl",
     config: ConfigOpt = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="PQ prompt file (.safetensors from train-pq) instead of the preset's.")] = None,
-    save_map: Annotated[Optional[Path], typer.Option("--save-map", help="Write the PQ map as an 8-bit grey PNG of the image's size (white = good).")] = None,
+    save_map: Annotated[Optional[Path], typer.Option("--save-map", help="Write the PQ map as an 8-bit grey image of the image's size (white = good); .png (exact), .jpg or .webp.")] = None,
     models_dir: ModelsDirOpt = None,
     random_weights: RandomOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Perceptual quality of one image: score p, the four factor scores, and the PQ map."""
-    from grefine_curate.curate.images import map_to_png
-
+    map_fmt = _out_format(save_map, "--save-map") if save_map else None  # before any model loads
     cfg = _preset(preset, config, _overrides(random_weights, prompts))
     _warn_tiny(cfg)
     img = _load_one(image, cfg)
     result = _scorer(cfg, models_dir).score_pq([img])[0]
     if save_map:
-        _write(save_map, map_to_png(result.P))
+        _write(save_map, _map_bytes(result.P, map_fmt))
     if as_json:
         _print_json({"image": str(image), "p": result.p, "factors": result.factors,
                      "width": img.width, "height": img.height, "map": str(save_map) if save_map else None})
@@ -182,14 +204,13 @@ def aq(
     prompt: Annotated[str, typer.Option("--prompt", help="The prompt the image was generated from.")],
     preset: PresetOpt = "sdxl",
     config: ConfigOpt = None,
-    save_map: Annotated[Optional[Path], typer.Option("--save-map", help="Write the AQ map as an 8-bit grey PNG of the image's size (white = needs refinement).")] = None,
+    save_map: Annotated[Optional[Path], typer.Option("--save-map", help="Write the AQ map as an 8-bit grey image of the image's size (white = needs refinement); .png (exact), .jpg or .webp.")] = None,
     models_dir: ModelsDirOpt = None,
     random_weights: RandomOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Alignment quality of one image with its prompt: score a, per-phrase scores and defects, the AQ map."""
-    from grefine_curate.curate.images import map_to_png
-
+    map_fmt = _out_format(save_map, "--save-map") if save_map else None  # before any model loads
     cfg = _preset(preset, config, _overrides(random_weights))
     _warn_tiny(cfg)
     img = _load_one(image, cfg)
@@ -197,7 +218,7 @@ def aq(
     if result is None:
         _fail(f"the prompt {prompt!r} is empty after cleaning (see `grefine-curate parse`); AQ-Map needs text", EXIT_USAGE)
     if save_map:
-        _write(save_map, map_to_png(result.A))
+        _write(save_map, _map_bytes(result.A, map_fmt))
     if as_json:
         _print_json({"image": str(image), "prompt": prompt, **result.to_json(), "map": str(save_map) if save_map else None})
         return
@@ -262,18 +283,6 @@ def parse(
         typer.echo("")
 
 
-# Formats `refine --out` writes, by the file's extension (the bytes must match what the name says).
-OUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
-
-
-def _out_format(path: Path, option: str) -> str:
-    fmt = OUT_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        _fail(f"{option} {path}: cannot tell the image format from {path.suffix or 'a name without extension'!r}; "
-              f"end the name with one of {', '.join(OUT_FORMATS)}", EXIT_USAGE)
-    return fmt
-
-
 @app.command()
 def refine(
     image: Annotated[Path, typer.Argument(help="Image file to refine.")],
@@ -283,7 +292,7 @@ def refine(
     preset: PresetOpt = "sdxl",
     config: ConfigOpt = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed (default: derived from the preset seed and the file name).")] = None,
-    save_mask: Annotated[Optional[Path], typer.Option("--save-mask", help="Write the stage-1 mask as a PNG.")] = None,
+    save_mask: Annotated[Optional[Path], typer.Option("--save-mask", help="Write the stage-1 mask as a black and white image (.png, .jpg or .webp).")] = None,
     models_dir: ModelsDirOpt = None,
     random_weights: RandomOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No notes on stderr (errors are still printed).")] = False,
@@ -292,10 +301,11 @@ def refine(
     """Score, route and refine one image (stage 1 inpaint on the low-quality mask, stage 2 light pass, guard)."""
     import numpy as np
 
-    from grefine_curate.curate.images import encode_image, map_to_png
+    from grefine_curate.curate.images import encode_image
     from grefine_curate.curate.refiner import BalancedRefiner, RefineItem, item_seed
 
     fmt = _out_format(out, "--out")  # before any model loads
+    mask_fmt = _out_format(save_mask, "--save-mask") if save_mask else None
     cfg = _preset(preset, config, _overrides(random_weights))
     _warn_tiny(cfg, quiet)
     img = _load_one(image, cfg)
@@ -311,7 +321,7 @@ def refine(
     outcome = refiner.refine([item])[0]
     _write(out, encode_image(outcome.image, fmt))
     if save_mask and outcome.mask is not None:
-        _write(save_mask, map_to_png(np.asarray(outcome.mask, dtype=np.float32)))
+        _write(save_mask, _map_bytes(np.asarray(outcome.mask, dtype=np.float32), mask_fmt))
     # On skip the image is the input, so its scores after are the input's (as in the job's output).
     p_after = outcome.p_after if outcome.p_after is not None else res.pq.p
     a_after = outcome.a_after if outcome.a_after is not None else item.a
