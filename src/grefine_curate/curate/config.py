@@ -212,10 +212,13 @@ def load_preset(name_or_path: str = "sdxl", overrides: dict[str, Any] | None = N
     data.setdefault("name", Path(name_or_path).stem)
     if overrides:
         data = _merge(data, overrides)
+    where = f"preset {data['name']!r}"
+    if Path(name_or_path).suffix == ".toml" and Path(name_or_path).exists():
+        where += f" ({name_or_path})"  # a user's preset file: name the file to fix
     try:
-        return _build(Preset, data, f"preset {data['name']!r}")
+        return _build(Preset, data, where)
     except TypeError as e:  # a wrong value type that dataclasses rejected
-        raise ConfigError(f"preset {data['name']!r}: {e}") from e
+        raise ConfigError(f"{where}: {e}") from e
 
 
 def load_override_file(path: str | Path) -> dict[str, Any]:
