@@ -388,7 +388,7 @@ def output_schema(shard: Shard, input_schema: pa.Schema | None, opts: ProcessOpt
     if shard.kind == "parquet" and refine:
         names = {f.name for f in added}
         kept = [f for f in input_schema if f.name not in names]  # a re-run over our own output replaces them
-        return pa.schema(kept + added, metadata=_hf_metadata(input_schema.metadata, kept + added))
+        return pa.schema(kept + added, metadata=_hf_metadata(input_schema.metadata, kept + added, names))
     head = [pa.field(C.ID, pa.string())]
     if shard.kind == "folder":
         head.append(pa.field(C.SOURCE, pa.string()))
@@ -398,7 +398,7 @@ def output_schema(shard: Shard, input_schema: pa.Schema | None, opts: ProcessOpt
     taken = {f.name for f in head + added}
     head += [f for f in input_schema if f.name not in taken and (
         f.name == shard.image_column and opts.keep_images or f.name != shard.image_column and opts.input_columns)]
-    return pa.schema(head + added, metadata=_hf_metadata(input_schema.metadata, head + added))
+    return pa.schema(head + added, metadata=_hf_metadata(input_schema.metadata, head + added, taken))
 
 
 def _hf_feature(t: pa.DataType) -> dict[str, Any]:
@@ -408,8 +408,8 @@ def _hf_feature(t: pa.DataType) -> dict[str, Any]:
     return {"dtype": dtype, "_type": "Value"}
 
 
-def _hf_metadata(meta: dict[bytes, bytes] | None, fields: list[pa.Field]) -> dict[bytes, bytes] | None:
-    """The input's schema metadata for an output with these ``fields``.
+def _hf_metadata(meta: dict[bytes, bytes] | None, fields: list[pa.Field], ours: set[str]) -> dict[bytes, bytes] | None:
+    """The input's schema metadata for an output with these ``fields``, of which ``ours`` are added by us.
 
     Hugging Face datasets store their features there (an ``Image`` is only an image through them)
     and refuse a table whose columns differ from them: the input's features are kept for the columns
@@ -421,7 +421,6 @@ def _hf_metadata(meta: dict[bytes, bytes] | None, fields: list[pa.Field]) -> dic
     try:
         info = json.loads(meta[b"huggingface"])
         feats = info["info"]["features"]
-        ours = {n for n in vars(C).values() if isinstance(n, str) and n.startswith(("grefine_", "pq_", "aq_", "unm"))}
         new = {}
         for f in fields:
             if f.name in feats and f.name not in ours:
