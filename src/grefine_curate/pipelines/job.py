@@ -237,7 +237,8 @@ def run_job(cfg: JobConfig) -> JobSummary:
     write_manifest(out_fs, out_root, base)
     # 7. Run
     opts = ProcessOptions(mode=cfg.mode, batch_size=cfg.batch_size, save_maps=cfg.save_maps,
-                          keep_images=cfg.keep_images, input_columns=cfg.input_columns, image_format=image_format, max_pixels=preset.max_pixels,
+                          keep_images=cfg.keep_images, input_columns=cfg.input_columns, image_format=image_format,
+                          max_pixels=preset.max_pixels,
                           draft_size=draft, decode_threads=cfg.decode_threads, seed=preset.seed,
                           fingerprint=fingerprint)
     spec = EngineSpec(preset=preset, mode=cfg.mode, models_dir=cfg.models_dir)
