@@ -222,10 +222,13 @@ def load_preset(name_or_path: str = "sdxl", overrides: dict[str, Any] | None = N
     data.setdefault("name", Path(name_or_path).stem)
     if overrides:
         data = _merge(data, overrides)
+    where = f"preset {data['name']!r}"
+    if Path(name_or_path).suffix == ".toml" and Path(name_or_path).exists():
+        where += f" ({name_or_path})"  # a user's preset file: name the file to fix
     try:
-        return _build(Preset, data, f"preset {data['name']!r}")
+        return _build(Preset, data, where)
     except TypeError as e:  # a wrong value type that dataclasses rejected
-        raise ConfigError(f"preset {data['name']!r}: {e}") from e
+        raise ConfigError(f"{where}: {e}") from e
 
 
 def load_override_file(path: str | Path) -> dict[str, Any]:
@@ -240,6 +243,14 @@ def load_override_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
 
 
+def _check_keys(data: dict[str, Any], where: str) -> None:
+    """Unknown keys of a partial preset (an override file) raise a ConfigError naming ``where``."""
+    try:
+        _build(Preset, {"name": "override", **data}, where)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
 def resolve_preset(
     name_or_path: str = "sdxl",
     config_file: str | Path | None = None,
@@ -247,6 +258,8 @@ def resolve_preset(
 ) -> Preset:
     """A preset, then a user's ``--config FILE.toml`` over it, then programmatic ``overrides`` last."""
     merged: dict[str, Any] = load_override_file(config_file) if config_file else {}
+    if merged:  # check the file's keys on their own, so that a typo names the file, not the preset
+        _check_keys(merged, f"config file {config_file}")
     if overrides:
         merged = _merge(merged, overrides)
     return load_preset(name_or_path, merged or None)
