@@ -19,7 +19,9 @@ pytestmark = pytest.mark.ray
 SHARDS = ["part-a/shard-000.parquet", "part-a/shard-002.parquet", "part-b/shard-001.parquet"]
 
 
-def test_ray_matches_local_and_survives_a_worker_death(tmp_path, ray_session, monkeypatch):
+def test_ray_matches_local_and_survives_a_worker_death(tmp_path, ray_session, monkeypatch, one_torch_thread):
+    # one_torch_thread: each of the 2 actors runs one torch thread (2 CPUs / 2 actors); the local run must too,
+    # or reductions sum in another order and a borderline phrase of the random tiny CLIP flips "unmatched".
     inp = tmp_path / "in"
     write_dataset(str(inp), shards=3, rows=4)
     write_folder(str(tmp_path / "in-folder"), n=3)
@@ -32,7 +34,7 @@ def test_ray_matches_local_and_survives_a_worker_death(tmp_path, ray_session, mo
     assert ray_sum.exit_code == 0, ray_sum.lines()
     assert ray_sum.retries == 1 and ray_sum.shards_run == 4 and ray_sum.rows == 15
     assert not [f for _, _, fs in os.walk(tmp_path / "ray") for f in fs if TMP_MARK in f]
-    man = json.loads((tmp_path / "ray" / "_grefine" / "manifest.json").read_text())
+    man = json.loads((tmp_path / "ray" / "__grefine__" / "manifest.json").read_text())
     assert man["run"]["executor"] == "ray" and man["run"]["workers"] == 2 and man["run"]["retries"] == 1
 
     monkeypatch.delenv("GREFINE_TEST_DIE_ONCE")
@@ -66,3 +68,21 @@ def test_ray_refine_mode_matches_local(tmp_path, ray_session):
         r, loc = pq.read_table(tmp_path / "ray" / rel), pq.read_table(tmp_path / "local" / rel)
         assert r.column(C.ROUTE).to_pylist() == loc.column(C.ROUTE).to_pylist()
         assert r.column("image").to_pylist() == loc.column("image").to_pylist()  # same seeds, same pixels
+
+
+def test_ray_quantile_routing_matches_local(tmp_path, ray_session):
+    """--refine-worst through Ray actors: the score pass and the refine pass reading it give the local
+    executor's thresholds, routes and pixels."""
+    inp = tmp_path / "in"
+    write_dataset(str(inp), shards=2, rows=3)
+    common = dict(inputs=[str(inp)], preset="tiny", batch_size=3, quiet=True, refine_worst=0.2)
+    ray_sum = run_job(JobConfig(out=str(tmp_path / "ray"), executor="ray", workers=1, **common))
+    local_sum = run_job(JobConfig(out=str(tmp_path / "local"), executor="local", **common))
+    assert ray_sum.exit_code == 0 and local_sum.exit_code == 0, ray_sum.lines()
+    man = [json.loads((tmp_path / w / "__grefine__" / "manifest.json").read_text()) for w in ("ray", "local")]
+    assert man[0]["routing"]["thresholds"] == pytest.approx(man[1]["routing"]["thresholds"])
+    assert ray_sum.routes == local_sum.routes
+    for rel in ("part-a/shard-000.parquet", "part-b/shard-001.parquet"):
+        r, loc = pq.read_table(tmp_path / "ray" / rel), pq.read_table(tmp_path / "local" / rel)
+        assert r.column(C.ROUTE).to_pylist() == loc.column(C.ROUTE).to_pylist()
+        assert r.column("image").to_pylist() == loc.column("image").to_pylist()
