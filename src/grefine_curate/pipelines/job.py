@@ -40,6 +40,8 @@ from grefine_curate.pipelines.manifest import (
     totals,
     write_manifest,
 )
+from grefine_curate.pipelines.limits import find_shrinks, refuse_shrink, remove_past_limit
+from grefine_curate.pipelines.models import check_weights
 from grefine_curate.pipelines.processor import EngineSpec, ProcessOptions, ShardTask
 from grefine_curate.pipelines.sinks import clean_stale_temporaries
 from grefine_curate.pipelines.sources import STATE_DIR, TMP_MARK, ColumnSpec, discover, fs_uri, join, resolve_fs
@@ -73,6 +75,7 @@ class JobConfig:
     max_error_rate: float = 0.1  # exit code 3 when error rows / rows exceeds this
     quiet: bool = False  # no progress bars or log lines (failures are still printed)
     keep_images: bool = False  # score mode: keep the image bytes (Parquet) / copy images (folders)
+    input_columns: bool = True  # score mode, Parquet input: keep the input's other columns in the output
     image_column: str | None = None  # None: first of image, img, jpg, jpeg, png, webp, image_bytes
     prompt_column: str | None = None  # None: first of prompt, text, caption, txt (none found: PQ only)
     id_column: str | None = None  # None: "<shard relative path>#<row index>"
@@ -115,9 +118,13 @@ class JobSummary:
     def lines(self) -> list[str]:
         """A short human-readable report (the CLI prints it)."""
         routes = ", ".join(f"{k} {v}" for k, v in sorted(self.routes.items())) or "-"
+        complete = self.shards_run + self.shards_skipped
+        unfinished = self.shards_total - complete - len(self.shards_failed)
         out = [
-            f"{self.state}: {self.rows} rows in {self.shards_total} shards under {self.out} "
-            f"({self.shards_run} run now, {self.shards_skipped} already complete, {len(self.shards_failed)} failed)",
+            f"{self.state}: {self.rows} rows in "
+            f"{self.shards_total if complete == self.shards_total else f'{complete} of {self.shards_total}'} shards "
+            f"under {self.out} ({self.shards_run} run now, {self.shards_skipped} already complete, "
+            f"{len(self.shards_failed)} failed{f', {unfinished} unfinished' if unfinished > 0 else ''})",
             f"status: ok {self.status.get('ok', 0)}, error {self.status.get('error', 0)} "
             f"(error rate {self.error_rate:.1%})" + (f"; routes: {routes}" if self.mode == "refine" else
                                                       f"; planned routes (a run would do): {routes}"),
@@ -192,10 +199,11 @@ def run_job(cfg: JobConfig) -> JobSummary:
         names = ", ".join(s.path for s in shards[:3]) + (", ..." if len(shards) > 3 else "")
         raise InputError(f"the input has no rows ({len(shards)} shard(s) found, all empty: {names}): nothing to do")
     caps = _row_caps([s.num_rows for s in shards], cfg.limit)
+    out_fs, out_root = resolve_fs(cfg.out)
+    migrate_legacy_layout(out_fs, out_root)  # before anything reads or writes OUT/__grefine__
+    shrinks = find_shrinks(out_fs, out_root, shards, caps)  # a smaller --limit than OUT's finished rows
     keep = [i for i, (s, c) in enumerate(zip(shards, caps)) if c is None or c > 0]
     shards, caps = [shards[i] for i in keep], [caps[i] for i in keep]
-    out_fs, out_root = resolve_fs(cfg.out)
-    migrate_legacy_layout(out_fs, out_root)  # before anything writes to OUT/__grefine__ (the audit of 3b)
     # 3b. Thresholds and where the scores come from (--scores, --refine-worst, --light-next)
     plan = None
     if cfg.mode == "refine" and (cfg.scores or cfg.refine_worst is not None or cfg.light_next is not None):
@@ -209,12 +217,15 @@ def run_job(cfg: JobConfig) -> JobSummary:
     draft = preset.clip.image_size if (cfg.mode == "score" and cfg.draft_decode) else None
     rcfg = result_config(preset, cfg.mode, cfg.save_maps, cfg.keep_images, image_format,
                          {"image": cfg.image_column, "prompt": cfg.prompt_column, "id": cfg.id_column}, draft)
+    rcfg["input_columns"] = cfg.input_columns
     if cfg.mode == "score":
         rcfg["planned_routes"] = True  # grefine_route / grefine_route_planned columns (older outputs lack them)
     if plan is not None:
         rcfg["scores_from"] = plan.audit.fingerprint  # the audit's config hash: its scores decide the routes
     fingerprint = config_hash(rcfg)
-    check_config(out_fs, out_root, rcfg, cfg.force)
+    check_config(out_fs, out_root, rcfg, cfg.force or not cfg.resume)  # --no-resume rewrites every row
+    if shrinks and not cfg.force:
+        refuse_shrink(shrinks, cfg.limit, out_root)
     try:
         out_fs.create_dir(out_root, recursive=True)
         write_probe = join(out_root, f"{STATE_DIR}/.write-probe{TMP_MARK}")
@@ -232,6 +243,9 @@ def run_job(cfg: JobConfig) -> JobSummary:
     tasks = [ShardTask(shard=st.shard, out_fs=out_fs, out_root=out_root, row_cap=st.row_cap)
              for st in states if not st.complete]
     skipped = len(states) - len(tasks)
+    if tasks:  # seconds, before Ray or any model starts (a complete OUT reruns without weights)
+        check_weights(preset, cfg.mode, cfg.models_dir)
+    limit_note = remove_past_limit(out_fs, out_root, shrinks, cfg.limit) if shrinks else None  # --force only
     base = {
         "state": "running",
         "config_hash": fingerprint,
@@ -249,7 +263,8 @@ def run_job(cfg: JobConfig) -> JobSummary:
     write_manifest(out_fs, out_root, base)
     # 7. Run
     opts = ProcessOptions(mode=cfg.mode, batch_size=cfg.batch_size, save_maps=cfg.save_maps,
-                          keep_images=cfg.keep_images, image_format=image_format, max_pixels=preset.max_pixels,
+                          keep_images=cfg.keep_images, input_columns=cfg.input_columns, image_format=image_format,
+                          max_pixels=preset.max_pixels,
                           draft_size=draft, decode_threads=cfg.decode_threads, seed=preset.seed,
                           fingerprint=fingerprint, routing=preset.routing,
                           scores_uri=plan.audit.uri if plan is not None else None,
@@ -270,6 +285,10 @@ def run_job(cfg: JobConfig) -> JobSummary:
                              gpus_per_worker=cfg.gpus_per_worker, max_attempts=cfg.max_attempts)
     except KeyboardInterrupt:
         report.interrupted = True
+    except BaseException as e:  # a failed start (models, cluster): the manifest must not say "running"
+        write_manifest(out_fs, out_root, {**base, "state": "failed", "exit_code": exit_code_for(e),
+                                          "error": f"{type(e).__name__}: {e}"})
+        raise
     finally:
         progress.close()
     # 8. Manifest and summary (counts over every complete shard, this run's and earlier ones)
@@ -280,7 +299,11 @@ def run_job(cfg: JobConfig) -> JobSummary:
     errors = tot["status"].get("error", 0)
     error_rate = errors / rows if rows else 0.0
     wall = time.perf_counter() - t0
-    rows_run = sum(r.rows for r in report.results)
+    # This run's shards from the markers, not from what the driver heard: after Ctrl-C a Ray worker
+    # may have finished a shard (output and marker on disk, complete) whose result never arrived.
+    before = {st.shard.rel for st in states if st.complete}
+    done_now = [st for st in after if st.complete and st.shard.rel not in before]
+    rows_run = sum(int(st.marker.get("rows", 0)) for st in done_now)
     busy = max(wall - report.startup_s, 1e-9)
     if report.interrupted:
         state, code = "interrupted", EXIT_INTERRUPTED
@@ -290,7 +313,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
         state, code = "error-rate", EXIT_ERROR_RATE
     else:
         state, code = "done", EXIT_OK
-    notes = []
+    notes = [limit_note] if limit_note else []
     if plan is not None and plan.info.get("source") == "quantiles":
         t = plan.info["thresholds"]
         notes.append(f"thresholds from the scores (worst {plan.info['refine_worst']:.1%} full, next "
@@ -301,7 +324,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
                      f"the messages are in the {'grefine_error'} column")
     summary = JobSummary(
         out=out_root, mode=cfg.mode, state=state, exit_code=code, config_hash=fingerprint,
-        shards_total=len(shards), shards_run=len(report.results), shards_skipped=skipped,
+        shards_total=len(shards), shards_run=len(done_now), shards_skipped=skipped,
         shards_failed=report.failures, rows=rows, status=tot["status"], routes=tot["routes"],
         error_rate=error_rate, rows_this_run=rows_run, wall_s=wall, startup_s=report.startup_s,
         items_per_s=rows_run / busy, retries=report.retries, manifest=manifest_path(out_root),
@@ -315,7 +338,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
                    "shards_complete": len(markers), "shards_total": len(shards)},
         "failures": [{"shard": r, "error": m} for r, m in report.failures],
         "run": {"wall_s": round(wall, 3), "startup_s": round(report.startup_s, 3), "rows": rows_run,
-                "items_per_s": round(rows_run / busy, 3), "shards_run": len(report.results),
+                "items_per_s": round(rows_run / busy, 3), "shards_run": len(done_now),
                 "shards_skipped": skipped, "retries": report.retries, "workers": report.workers,
                 "executor": cfg.executor},
     })
