@@ -99,7 +99,9 @@ def test_map_orientation_follows_the_image(clip, preset):
 
 def test_map_combines_the_four_factors_with_the_cask(clip, preset):
     """P comes from the per-token cask: a patch bad in one factor only is dark in P."""
-    pq = PQMap(clip, dataclasses.replace(preset.pq, logit_scale=100.0), surgery_blocks=2)  # CLIP's temperature
+    # CLIP's temperature for the scores, the default map temperature (the tiny preset sets both to 1)
+    pq = PQMap(clip, dataclasses.replace(preset.pq, logit_scale=100.0, map_logit_scale=PQConfig().map_logit_scale),
+               surgery_blocks=2)
     d = pq.text_features.shape[-1]
     basis = torch.eye(d)[: len(FACTORS)]
     pq.text_features = torch.stack([basis, -basis], dim=1)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from grefine_curate.curate.aq_map import AQMap
-from grefine_curate.curate.config import AQConfig, MaskConfig, RefinerConfig, load_preset
+from grefine_curate.curate.config import AQConfig, MaskConfig, PQConfig, RefinerConfig, load_preset
 from grefine_curate.curate.masks import build_mask, stage1_strength
 from grefine_curate.curate.pq_map import PQMap, good_probability
 from grefine_curate.curate.results import NOUN_UNMATCHED
@@ -28,8 +28,11 @@ import reference_scripts
 
 
 def _pq_with_axis_prompts(clip, preset, **cfg) -> PQMap:
-    """A PQMap whose four factor pairs are (e0, -e0): every factor's logit is 100 * 2 * f[0]."""
-    pq = PQMap(clip, dataclasses.replace(preset.pq, logit_scale=100.0, text_norm="l2", **cfg),
+    """A PQMap whose four factor pairs are (e0, -e0): every factor's logit is 100 * 2 * f[0].
+
+    CLIP's temperature and the default map temperature (the tiny preset sets both to 1)."""
+    cfg = {"logit_scale": 100.0, "map_logit_scale": PQConfig().map_logit_scale, "text_norm": "l2", **cfg}
+    pq = PQMap(clip, dataclasses.replace(preset.pq, **cfg),
                surgery_blocks=preset.clip.surgery_blocks)
     d = pq.text_features.shape[-1]
     t = torch.zeros(4, 2, d)
@@ -105,21 +108,27 @@ def test_flat_A_is_the_nouns_score_not_zero_and_a_perfect_image_is_not_fully_mas
 
 
 def test_a_spatial_ramp_survives_saturated_probabilities(clip, preset):
-    """Similarity differences 0.2 .. 0.6 (logits 40 .. 120): every sigmoid is exactly 1.0 in float32."""
-    ramp = np.tile(np.linspace(0.1, 0.3, 4), (4, 1))  # component 0 rises left to right; logit = 200 * c
+    """Similarity differences 0.2 .. 0.6 (logits 20 .. 60 at CLIP's temperature 100): every sigmoid is
+    exactly 1.0 in float32 there, but the map, at its own temperature, keeps the ramp."""
+    ramp = np.tile(np.linspace(0.1, 0.3, 4), (4, 1))  # component 0 rises left to right; L_raw = 2 * c
     pq = _pq_with_axis_prompts(clip, preset)
     d = pq.text_features.shape[-1]
     tokens = _tokens(ramp, d, cls=0.2)
     probs = pq.factor_probabilities(tokens)
     assert bool((probs[0, 1:] == 1.0).all()), "the premise: float32 probabilities are saturated"
     (r,) = pq.from_tokens(tokens, [(4, 4)])
-    np.testing.assert_allclose(r.P, np.tile(np.linspace(0, 1, 4), (4, 1)), atol=1e-5)  # the ramp, intact
-    # The old quantity (cask of probabilities) is flat here: it would have lost the ramp.
-    (old,) = _pq_with_axis_prompts(clip, preset, map_source="probability-cask").from_tokens(tokens, [(4, 4)])
+    assert r.p == pytest.approx(1.0)
+    np.testing.assert_allclose(r.P[:, 0], 0.0, atol=1e-6)  # min-max: the left column is the lowest
+    np.testing.assert_allclose(r.P[:, 3], 1.0, atol=1e-6)
+    assert np.all(np.diff(r.P, axis=1) > 0.01), r.P  # strictly rising, with real steps, in every row
+    # At the score's own temperature (the earlier map) the ramp is lost: a flat plateau.
+    (old,) = _pq_with_axis_prompts(clip, preset, map_logit_scale=100.0).from_tokens(tokens, [(4, 4)])
     assert float(np.ptp(old.P)) == 0.0
 
 
-def test_logit_cask_penalises_a_factor_below_its_alpha(clip, preset):
+def test_one_bad_factor_makes_a_patch_bad_in_the_map(clip, preset):
+    """The cask per patch: a patch certainly good overall but certainly bad in technical quality is
+    worse than a patch unsure in every factor, and a factor above its alpha adds nothing."""
     pq = _pq_with_axis_prompts(clip, preset)
     d = pq.text_features.shape[-1]
     t = pq.text_features.clone()
@@ -127,12 +136,14 @@ def test_logit_cask_penalises_a_factor_below_its_alpha(clip, preset):
     t[1, 0, 2], t[1, 1, 2] = 1.0, -1.0
     pq.text_features = t
     tok = torch.zeros(1, 1 + 4, d)
-    tok[0, :, 0] = 0.2  # overall, rationality, naturalness: logit 40 everywhere
-    tok[0, 1:, 2] = torch.tensor([0.05, -0.001, -0.01, 0.05])  # technical: fine, low, lower, fine
+    tok[0, :, 0] = 0.5  # overall, rationality, naturalness: certainly good (logit 100 at CLIP's scale)
+    tok[0, 1:, 2] = torch.tensor([0.5, -0.5, 0.3, 0.6])  # technical: good, bad, good, good
+    tok[0, 3, 0] = 0.0  # patch 2: unsure overall too (logit 0)
     tok[0, :, 3] = torch.sqrt(1 - (tok[0] ** 2).sum(-1))
     (r,) = pq.from_tokens(tok, [(2, 2)])
-    assert r.P[0, 0] == pytest.approx(1.0) and r.P[1, 1] == pytest.approx(1.0)
-    assert r.P[1, 0] == pytest.approx(0.0) and 0.0 < r.P[0, 1] < 1.0
+    assert r.P[0, 1] == pytest.approx(0.0, abs=1e-6)  # the technical defect is the worst patch
+    assert 0.0 < r.P[1, 0] < 1.0  # unsure overall: in between
+    assert r.P[0, 0] == pytest.approx(1.0, abs=1e-3) and r.P[1, 1] == pytest.approx(1.0, abs=1e-3)
 
 
 # -- pinned values --------------------------------------------------------------------------------

@@ -56,11 +56,14 @@ class PQConfig:
     feature_norm: str = "channel"  # "channel" (correct) | "token" (reference-code bug)
     text_norm: str = "l2"  # "l2": unit text features (CLIP) | "raw": unnormalised (reference code)
     logit_scale: float = 100.0  # CLIP's trained temperature for the softmax over a pair (reference: 1)
-    # What P is made of before min-max (README "PQ map"): "logit-cask" (default): eq. 3's cask per
-    # patch in log-odds form, which keeps its spatial order where float32 probabilities saturate
-    # to 1.0; "probability-cask": the cask of per-patch probabilities (saturates); "overall-similarity":
-    # the patch tokens' raw similarity to the overall factor's "good" prompt (reference code)
-    map_source: str = "logit-cask"
+    # What P is made of before min-max (README "PQ map"): "cask": eq. 3's cask of the per-patch
+    # probabilities, taken at the map's own temperature `map_logit_scale`; "overall-similarity": the
+    # patch tokens' raw similarity to the overall factor's "good" prompt (reference code)
+    map_source: str = "cask"
+    # Temperature of the per-patch probabilities of the map (ours, uncalibrated). At CLIP's 100 a
+    # float32 sigmoid is exactly 1.0 once a patch's similarity difference passes ~0.17, so good regions
+    # flatten to a plateau; at 10 that takes a difference of ~1.7, which unit features hardly reach.
+    map_logit_scale: float = 10.0
     map_resize: str = "bicubic"  # "bicubic" (paper) | "bilinear" (reference code)
     map_orientation: str = "hw"  # "hw": maps at the image's (H, W) | "reference-swap": resized to (W, H) and transposed, as the reference code
 

@@ -10,14 +10,13 @@ softmax over the pair, so ``s = sigmoid(logit_scale * L_raw)`` is the probabilit
   min(s_i / alpha_i, 1)``; a factor below its alpha pulls p down, one above it cannot raise it
   (``cask = false``: p = s_overall, as the reference script without ``--multi``);
 * map P (eq. 3, ``P = BIC(L_per)``), by ``map_source``:
-  - ``"logit-cask"`` (default): the same cask per patch token in log-odds form,
-    ``logit(s_0) + sum_i min(log s_i - log alpha_i, 0)``: the overall factor's logit, lowered by the
-    log of each factor's cask penalty. Like the cask of probabilities it rises with every factor and
-    a factor above its alpha adds nothing; unlike it, it does not saturate: a float32 sigmoid is
-    exactly 1.0 once the logit passes ~17 (a similarity difference of 0.17 at CLIP's temperature
-    100), so a map of probabilities, or of their logs, flattens good regions into a plateau (min-max
-    then blows float noise up to [0, 1]), while the logit keeps their spatial order.
-  - ``"probability-cask"``: the cask of the per-patch probabilities (saturates; kept for comparison).
+  - ``"cask"`` (default): the same cask per patch token, on probabilities taken at the map's own
+    temperature ``map_logit_scale`` (10), not CLIP's 100: a float32 sigmoid is exactly 1.0 once the
+    logit passes ~17 (a similarity difference of 0.17 at temperature 100), so at 100 the good part of
+    an image becomes a plateau and min-max then blows float noise, or nothing, up to [0, 1]; at 10
+    the probabilities keep their spatial order for any difference unit features reach, and the cask
+    keeps its meaning (one bad factor makes a patch bad, a factor above its alpha adds nothing).
+    ``map_logit_scale = logit_scale`` gives the saturating map of the score's own temperature.
   - ``"overall-similarity"``: the patch tokens' raw similarity to the overall factor's "good" prompt
     alone, as the reference code's PQ-Map.py computes its map.
   Then min-max per image over the patch grid, resized to the image's own (H, W) (rows of the grid =
@@ -61,7 +60,7 @@ from grefine_curate.curate.surgery import SurgeryEncoder, preprocess_images, tok
 ALPHA_MODES = ("per-factor", "first-alpha")
 FEATURE_NORMS = ("channel", "token")
 TEXT_NORMS = ("l2", "raw")
-MAP_SOURCES = ("logit-cask", "probability-cask", "overall-similarity")
+MAP_SOURCES = ("cask", "overall-similarity")
 MAP_RESIZES = ("bicubic", "bilinear", "nearest", "area")
 MAP_ORIENTATIONS = ("hw", "reference-swap")
 
@@ -82,6 +81,8 @@ def check_pq_config(cfg: PQConfig) -> None:
         )
     if not cfg.logit_scale > 0:
         raise ConfigError(f"pq.logit_scale must be positive, got {cfg.logit_scale}")
+    if not cfg.map_logit_scale > 0:
+        raise ConfigError(f"pq.map_logit_scale must be positive, got {cfg.map_logit_scale}")
     if not isinstance(cfg.cask, bool):
         raise ConfigError(f"pq.cask must be true or false, got {cfg.cask!r}")
 
@@ -126,17 +127,6 @@ def cask(s: torch.Tensor, alphas: Sequence[float], mode: str = "per-factor") -> 
     a = _alpha_vector(alphas, mode, s)
     assert s.shape[-1] == 1 + a.shape[0], f"cask needs {1 + a.shape[0]} factor scores, got {s.shape[-1]}"
     return s[..., 0] * torch.clamp(s[..., 1:] / a, max=1.0).prod(dim=-1)
-
-
-def logit_cask(z: torch.Tensor, alphas: Sequence[float], mode: str = "per-factor") -> torch.Tensor:
-    """Eq. 3's cask from logits (..., 4), in log-odds form (the default map quantity, see module doc).
-
-    ``z_0 + sum_i min(log sigmoid(z_i) - log alpha_i, 0)``: logsigmoid is exact where sigmoid
-    would round to 0 or 1, and the overall factor enters as its logit, which never saturates.
-    """
-    a = _alpha_vector(alphas, mode, z)
-    assert z.shape[-1] == 1 + a.shape[0], f"cask needs {1 + a.shape[0]} factor logits, got {z.shape[-1]}"
-    return z[..., 0] + torch.clamp(F.logsigmoid(z[..., 1:]) - a.log(), max=0.0).sum(dim=-1)
 
 
 maps_at_sizes = tokens_to_maps  # grouped resizing lives in surgery.py, shared with AQ-Map
@@ -222,10 +212,8 @@ class PQMap:
         if cfg.map_source == "overall-similarity":  # reference: raw similarity to overall's "good" prompt
             feats = normalise_features(tokens, cfg.feature_norm)[:, 1:]  # (B, HW, D)
             return feats @ self.text_features[0, 0].to(feats.device, feats.dtype)  # (B, HW)
-        if cfg.map_source == "probability-cask":
-            return self._score(torch.sigmoid(logits[:, 1:]))
-        z = logits[:, 1:]  # (B, HW, 4): logit_scale * L_raw, unbounded both ways
-        return logit_cask(z, cfg.alphas, cfg.alpha_mode) if cfg.cask else z[..., 0]
+        # the cask at the map's temperature: logits / logit_scale = L_raw, times map_logit_scale
+        return self._score(torch.sigmoid(logits[:, 1:] * (cfg.map_logit_scale / cfg.logit_scale)))  # (B, HW)
 
     @torch.no_grad()
     def from_tokens(self, tokens: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[PQResult]:
