@@ -43,3 +43,9 @@ def test_decode_bench_prints_ratio_and_score_difference():
     diff = next(line for line in lines if line.startswith("max abs score difference:"))
     assert float(diff.split(":")[1].split()[0]) < 0.01  # fast decode moves scores by < 0.01 (tiny preset)
     assert "(256, 256)" in stdout  # 1024x1024 JPEGs decode DCT-scaled to 256x256
+
+
+def test_two_pass_bench_prints_ratio():
+    stdout = _run(["bench/two_pass.py", "--n", "24", "--rounds", "1"], timeout=300)
+    lines = stdout.strip().splitlines()
+    assert re.fullmatch(r"ratio: \d+\.\d{3}", lines[-1]), lines[-1]

@@ -56,11 +56,11 @@ class PQConfig:
     feature_norm: str = "channel"  # "channel" (correct) | "token" (reference-code bug)
     text_norm: str = "l2"  # "l2": unit text features (CLIP) | "raw": unnormalised (reference code)
     logit_scale: float = 100.0  # CLIP's trained temperature for the softmax over a pair (reference: 1)
-    # What P is made of before min-max (README "PQ map"): "log-cask" (default): the eq. 3 cask per
-    # patch taken in log space, which keeps its spatial order where float32 probabilities saturate
+    # What P is made of before min-max (README "PQ map"): "logit-cask" (default): eq. 3's cask per
+    # patch in log-odds form, which keeps its spatial order where float32 probabilities saturate
     # to 1.0; "probability-cask": the cask of per-patch probabilities (saturates); "overall-similarity":
     # the patch tokens' raw similarity to the overall factor's "good" prompt (reference code)
-    map_source: str = "log-cask"
+    map_source: str = "logit-cask"
     map_resize: str = "bicubic"  # "bicubic" (paper) | "bilinear" (reference code)
     map_orientation: str = "hw"  # "hw": maps at the image's (H, W) | "reference-swap": resized to (W, H) and transposed, as the reference code
 

@@ -10,11 +10,13 @@ softmax over the pair, so ``s = sigmoid(logit_scale * L_raw)`` is the probabilit
   min(s_i / alpha_i, 1)``; a factor below its alpha pulls p down, one above it cannot raise it
   (``cask = false``: p = s_overall, as the reference script without ``--multi``);
 * map P (eq. 3, ``P = BIC(L_per)``), by ``map_source``:
-  - ``"log-cask"`` (default): the same cask per patch token, taken in log space,
-    ``log s_0 + sum_i min(log s_i - log alpha_i, 0)`` with ``log s = logsigmoid(logit)``. It orders
-    patches exactly as the cask of probabilities does, but a float32 sigmoid is exactly 1.0 once
-    the logit passes ~17 (a similarity difference of 0.17 at CLIP's temperature 100), which
-    flattens the probability map to a plateau; its log keeps the spatial order to logits of ~100.
+  - ``"logit-cask"`` (default): the same cask per patch token in log-odds form,
+    ``logit(s_0) + sum_i min(log s_i - log alpha_i, 0)``: the overall factor's logit, lowered by the
+    log of each factor's cask penalty. Like the cask of probabilities it rises with every factor and
+    a factor above its alpha adds nothing; unlike it, it does not saturate: a float32 sigmoid is
+    exactly 1.0 once the logit passes ~17 (a similarity difference of 0.17 at CLIP's temperature
+    100), so a map of probabilities, or of their logs, flattens good regions into a plateau (min-max
+    then blows float noise up to [0, 1]), while the logit keeps their spatial order.
   - ``"probability-cask"``: the cask of the per-patch probabilities (saturates; kept for comparison).
   - ``"overall-similarity"``: the patch tokens' raw similarity to the overall factor's "good" prompt
     alone, as the reference code's PQ-Map.py computes its map.
@@ -59,7 +61,7 @@ from grefine_curate.curate.surgery import SurgeryEncoder, preprocess_images, tok
 ALPHA_MODES = ("per-factor", "first-alpha")
 FEATURE_NORMS = ("channel", "token")
 TEXT_NORMS = ("l2", "raw")
-MAP_SOURCES = ("log-cask", "probability-cask", "overall-similarity")
+MAP_SOURCES = ("logit-cask", "probability-cask", "overall-similarity")
 MAP_RESIZES = ("bicubic", "bilinear", "nearest", "area")
 MAP_ORIENTATIONS = ("hw", "reference-swap")
 
@@ -126,11 +128,15 @@ def cask(s: torch.Tensor, alphas: Sequence[float], mode: str = "per-factor") -> 
     return s[..., 0] * torch.clamp(s[..., 1:] / a, max=1.0).prod(dim=-1)
 
 
-def log_cask(log_s: torch.Tensor, alphas: Sequence[float], mode: str = "per-factor") -> torch.Tensor:
-    """log of eq. 3 from log-probabilities (..., 4): ``log s_0 + sum_i min(log s_i - log alpha_i, 0)``."""
-    a = _alpha_vector(alphas, mode, log_s)
-    assert log_s.shape[-1] == 1 + a.shape[0], f"cask needs {1 + a.shape[0]} factor scores, got {log_s.shape[-1]}"
-    return log_s[..., 0] + torch.clamp(log_s[..., 1:] - a.log(), max=0.0).sum(dim=-1)
+def logit_cask(z: torch.Tensor, alphas: Sequence[float], mode: str = "per-factor") -> torch.Tensor:
+    """Eq. 3's cask from logits (..., 4), in log-odds form (the default map quantity, see module doc).
+
+    ``z_0 + sum_i min(log sigmoid(z_i) - log alpha_i, 0)``: logsigmoid is exact where sigmoid
+    would round to 0 or 1, and the overall factor enters as its logit, which never saturates.
+    """
+    a = _alpha_vector(alphas, mode, z)
+    assert z.shape[-1] == 1 + a.shape[0], f"cask needs {1 + a.shape[0]} factor logits, got {z.shape[-1]}"
+    return z[..., 0] + torch.clamp(F.logsigmoid(z[..., 1:]) - a.log(), max=0.0).sum(dim=-1)
 
 
 maps_at_sizes = tokens_to_maps  # grouped resizing lives in surgery.py, shared with AQ-Map
@@ -218,8 +224,8 @@ class PQMap:
             return feats @ self.text_features[0, 0].to(feats.device, feats.dtype)  # (B, HW)
         if cfg.map_source == "probability-cask":
             return self._score(torch.sigmoid(logits[:, 1:]))
-        log_s = F.logsigmoid(logits[:, 1:])  # (B, HW, 4), no saturation at 1.0
-        return log_cask(log_s, cfg.alphas, cfg.alpha_mode) if cfg.cask else log_s[..., 0]
+        z = logits[:, 1:]  # (B, HW, 4): logit_scale * L_raw, unbounded both ways
+        return logit_cask(z, cfg.alphas, cfg.alpha_mode) if cfg.cask else z[..., 0]
 
     @torch.no_grad()
     def from_tokens(self, tokens: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[PQResult]:
