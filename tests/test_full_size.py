@@ -6,7 +6,7 @@ SDXL inpainting UNet with both text encoders and pooled embeddings (stage 1, mas
 the SDXL refiner UNet with its aesthetic-score conditioning (stage 2), the shared VAE. The models'
 outputs carry no meaning; the test checks that everything is wired and runs, and its peak memory.
 
-Opt-in (several minutes and up to ~20 GB of memory): ``GREFINE_SLOW=1 pytest tests/test_full_size.py -s``.
+Opt-in (several minutes and about 14 GB of memory; the test allows 20 GB): ``GREFINE_SLOW=1 pytest tests/test_full_size.py -s``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from job_corpus import rgb, write_shard
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.environ.get("GREFINE_SLOW") != "1",
-                       reason="full-size sdxl with random weights: minutes and ~20 GB; run with "
+                       reason="full-size sdxl with random weights: minutes and ~14 GB; run with "
                               "GREFINE_SLOW=1 pytest tests/test_full_size.py -s"),
 ]
 
