@@ -101,3 +101,14 @@ def test_ray_quantile_routing_matches_local(tmp_path, ray_session, fresh_local_e
         r, loc = pq.read_table(tmp_path / "ray" / rel), pq.read_table(tmp_path / "local" / rel)
         assert r.column(C.ROUTE).to_pylist() == loc.column(C.ROUTE).to_pylist()
         assert r.column("image").to_pylist() == loc.column("image").to_pylist()
+
+
+def test_ray_reuse_of_an_audit_with_nothing_to_refine_loads_no_model(tmp_path, ray_session, monkeypatch):
+    inp = tmp_path / "in"
+    write_dataset(str(inp), shards=2, rows=3)
+    common = dict(inputs=[str(inp)], preset="tiny", batch_size=3, quiet=True)
+    assert run_job(JobConfig(out=str(tmp_path / "audit"), mode="score", executor="local", **common)).exit_code == 0
+    monkeypatch.setenv("GREFINE_TEST_NO_MODELS", "1")  # forwarded to the actors: building models raises
+    s = run_job(JobConfig(out=str(tmp_path / "out"), executor="ray", workers=1, scores=str(tmp_path / "audit"),
+                          refine_worst=0.0, **common))
+    assert s.exit_code == 0 and s.routes == {"skip": 6}, s.lines()

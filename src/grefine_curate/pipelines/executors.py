@@ -194,15 +194,24 @@ class ShardWorker:
         self.spec = spec
         self.engine = None
 
-    def ready(self) -> int:
+    def ready(self, load: bool = True) -> int:
         """Load the models now, so a load failure surfaces before any shard is handed out."""
-        if self.engine is None:
+        if load and self.engine is None:
             self.engine = build_engine(self.spec)
         return os.getpid()
 
-    def process(self, task: ShardTask, opts: ProcessOptions):
+    def _engine(self):
         self.ready()
-        yield from process_shard(task, self.engine, opts)
+        return self.engine
+
+    def process(self, task: ShardTask, opts: ProcessOptions):
+        if opts.scores_uri is not None and self.engine is None:  # reusing an audit: load only if needed
+            from grefine_curate.pipelines.processor import LazyEngine
+
+            engine = LazyEngine(self._engine, self.spec.preset.seed)
+        else:
+            engine = self._engine()
+        yield from process_shard(task, engine, opts)
 
 
 _FORWARD_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE")
@@ -285,7 +294,7 @@ def run_ray(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, prog
     try:
         t_ready = time.perf_counter()
         try:
-            ray.get([a.ready.remote() for a in actors])
+            ray.get([a.ready.remote(opts.scores_uri is None) for a in actors])  # --scores: models load lazily
         except RayTaskError as e:
             cause = e.cause if getattr(e, "cause", None) is not None else e
             raise cause from None  # the models cannot load: every shard would fail the same way

@@ -197,6 +197,10 @@ class ModelEngine:
 
 
 def build_engine(spec: EngineSpec) -> Engine:
+    if os.environ.get("GREFINE_TEST_NO_MODELS"):  # test hook: a run that must not load models fails loudly
+        from grefine_curate.curate.errors import ModelUnavailableError
+
+        raise ModelUnavailableError("models were about to load although GREFINE_TEST_NO_MODELS is set")
     return ModelEngine(spec)
 
 
