@@ -374,7 +374,7 @@ def report(
 def _job(
     inputs, out, mode, preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
     save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
-    models_dir, image_format,
+    models_dir, image_format, unit_rows=None,
 ) -> None:
     from grefine_curate.pipelines.job import JobConfig, run_job
 
@@ -385,6 +385,7 @@ def _job(
         save_maps=save_maps, resume=resume, force=force, max_error_rate=max_error_rate, quiet=quiet,
         keep_images=keep_images, image_column=image_column, prompt_column=prompt_column,
         id_column=id_column, models_dir=str(models_dir) if models_dir else None, image_format=image_format.upper(),
+        unit_rows=unit_rows,
     )
     summary = run_job(job)
     for line in summary.lines():
@@ -410,6 +411,7 @@ KeepOpt = Annotated[bool, typer.Option("--keep-images", help="Score mode: also c
 ImgColOpt = Annotated[Optional[str], typer.Option("--image-column", help="Parquet image column (default: auto: image, jpg, png, img).")]
 PromptColOpt = Annotated[Optional[str], typer.Option("--prompt-column", help="Parquet prompt column (default: auto: prompt, text, caption).")]
 IdColOpt = Annotated[Optional[str], typer.Option("--id-column", help="Parquet id column (default: shard name + row index).")]
+UnitRowsOpt = Annotated[Optional[int], typer.Option("--unit-rows", help="Rows per work unit (whole Parquet row groups; the unit of scheduling, retry and resume). Default: the preset's.")]
 
 
 @app.command()
@@ -436,13 +438,14 @@ def run(
     id_column: IdColOpt = None,
     models_dir: ModelsDirOpt = None,
     image_format: ImageFormatOpt = "PNG",
+    unit_rows: UnitRowsOpt = None,
 ) -> None:
     """Score every image of a data set, route it, refine the low-quality ones, write everything back."""
     if mode not in ("refine", "score"):
         _fail(f"--mode must be 'refine' or 'score', got {mode!r}", EXIT_USAGE)
     _job(inputs, out, mode, preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
          save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
-         models_dir, image_format)
+         models_dir, image_format, unit_rows)
 
 
 @app.command()
@@ -467,11 +470,12 @@ def score(
     prompt_column: PromptColOpt = None,
     id_column: IdColOpt = None,
     models_dir: ModelsDirOpt = None,
+    unit_rows: UnitRowsOpt = None,
 ) -> None:
     """Score-only audit of a data set (same as `run --mode score`): ids, prompts and PQ/AQ scores."""
     _job(inputs, out, "score", preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
          save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
-         models_dir, "PNG")
+         models_dir, "PNG", unit_rows)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 from grefine_curate.curate.errors import ModelUnavailableError
 from grefine_curate.pipelines.sinks import clean_shard_temporaries
@@ -116,6 +116,21 @@ class ExecReport:
     startup_s: float = 0.0  # start-up before the first shard: Ray init (if started here) + model loading
     retries: int = 0
     workers: int = 1
+    units: int = 0  # work units completed by this run (a shard of several units counts once in results)
+    rows: int = 0  # rows those units processed
+
+
+Finish = Callable[[ShardResult], "ShardResult | None"]
+
+
+def _landed(report: ExecReport, progress: Progress, finish: Finish | None, res: ShardResult) -> None:
+    """A unit finished: hand it to the ledger (which assembles its shard after the last unit)."""
+    report.units += 1
+    report.rows += res.rows
+    shard_res = finish(res) if finish is not None else res
+    if shard_res is not None:
+        report.results.append(shard_res)
+        progress.shard_done(shard_res)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +152,8 @@ def cached_engine(spec: EngineSpec):
     return engine
 
 
-def run_local(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, progress: Progress) -> ExecReport:
+def run_local(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, progress: Progress,
+              finish: Finish | None = None) -> ExecReport:
     report = ExecReport(workers=1)
     if not tasks:
         return report
@@ -152,8 +168,8 @@ def run_local(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, pr
                     done += ev
                     progress.items(ev)
                 else:
-                    report.results.append(ev)
-                    progress.shard_done(ev)
+                    done = 0  # the unit is committed: a failure after this point does not undo its items
+                    _landed(report, progress, finish, ev)
         except KeyboardInterrupt:
             report.interrupted = True
             return report
@@ -172,11 +188,13 @@ class ShardWorker:
     """A Ray actor: loads the models once, then streams one shard per call."""
 
     def __init__(self, spec: EngineSpec, threads: int):
+        import ray
         import torch
 
         torch.set_num_threads(max(1, threads))
         self.spec = spec
         self.engine = None
+        self.node_id = ray.get_runtime_context().get_node_id()  # recorded per unit in the shard marker
 
     def ready(self) -> int:
         """Load the models now, so a load failure surfaces before any shard is handed out."""
@@ -186,10 +204,13 @@ class ShardWorker:
 
     def process(self, task: ShardTask, opts: ProcessOptions):
         self.ready()
-        yield from process_shard(task, self.engine, opts)
+        yield from process_shard(task, self.engine, opts, node_id=self.node_id)
 
 
-_FORWARD_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE")
+# Object-store endpoints (MinIO, R2, GCS interop) must reach the actors too; credentials are not
+# forwarded (runtime_env is visible in the dashboard): workers use their own (env, profile, IAM role).
+_FORWARD_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "AWS_ENDPOINT_URL",
+                "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 def _forwarded_env() -> dict[str, str]:
@@ -237,7 +258,7 @@ def _plan_workers(workers: int | None, gpus_per_worker: float, n_tasks: int) -> 
 
 def run_ray(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, progress: Progress, *,
             address: str | None = None, workers: int | None = None, gpus_per_worker: float = 1.0,
-            max_attempts: int = 3) -> ExecReport:
+            max_attempts: int = 3, finish: Finish | None = None) -> ExecReport:
     import ray
     from ray.exceptions import ActorDiedError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 
@@ -322,8 +343,11 @@ def run_ray(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, prog
                     progress.items(ev)
                 else:
                     del active[gen]
-                    report.results.append(ev)
-                    progress.shard_done(ev)
+                    try:
+                        _landed(report, progress, finish, ev)
+                    except Exception as e:  # noqa: BLE001 - assembling one shard failed: the others go on
+                        report.failures.append((task.shard.rel, f"{type(e).__name__}: {e}"))
+                        progress.say(f"shard failed: {task.shard.rel}: {type(e).__name__}: {e}", always=True)
                     submit(i)
     except KeyboardInterrupt:
         report.interrupted = True

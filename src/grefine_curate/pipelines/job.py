@@ -41,6 +41,7 @@ from grefine_curate.pipelines.manifest import (
 from grefine_curate.pipelines.processor import EngineSpec, ProcessOptions, ShardTask
 from grefine_curate.pipelines.sinks import clean_stale_temporaries
 from grefine_curate.pipelines.sources import STATE_DIR, TMP_MARK, ColumnSpec, discover, fs_uri, join, resolve_fs
+from grefine_curate.pipelines.units import UnitLedger
 
 MODES = ("refine", "score")
 EXECUTORS = ("ray", "local")
@@ -78,6 +79,7 @@ class JobConfig:
     image_format: str = "PNG"  # encoding of refined images in Parquet outputs: PNG | JPEG | WEBP
     decode_threads: int = 2  # CPU threads decoding images beside the model, per worker
     folder_shard_size: int = 1000  # images per shard of an image folder
+    unit_rows: int | None = None  # rows per work unit (None: the preset's unit_rows / score_unit_rows)
     max_attempts: int = 3  # Ray: attempts of a shard whose worker died
     draft_decode: bool = True  # score mode: decode JPEGs DCT-scaled to the CLIP input size (faster)
 
@@ -104,6 +106,9 @@ class JobSummary:
     retries: int
     manifest: str
     removed_temporaries: int = 0
+    units_run: int = 0  # work units completed by this run
+    units_total: int = 0  # work units of the shards this run had to do (done before or now)
+    adopted: int = 0  # complete outputs found without their marker, adopted from their footer record
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -114,7 +119,7 @@ class JobSummary:
             f"({self.shards_run} run now, {self.shards_skipped} already complete, {len(self.shards_failed)} failed)",
             f"status: ok {self.status.get('ok', 0)}, error {self.status.get('error', 0)} "
             f"(error rate {self.error_rate:.1%})" + (f"; routes: {routes}" if self.mode == "refine" else ""),
-            f"this run: {self.rows_this_run} rows in {self.wall_s:.1f}s ({self.items_per_s:.1f} img/s after "
+            f"this run: {self.rows_this_run} rows ({self.units_run} work units) in {self.wall_s:.1f}s ({self.items_per_s:.1f} img/s after "
             f"{self.startup_s:.1f}s of start-up)",
             f"manifest: {self.manifest}",
         ]
@@ -144,6 +149,8 @@ def _check_options(cfg: JobConfig) -> None:
         bad(f"image format {cfg.image_format!r} is not one of {', '.join(IMAGE_FORMATS)}")
     if cfg.folder_shard_size < 1 or cfg.decode_threads < 1 or cfg.max_attempts < 1:
         bad("folder_shard_size, decode_threads and max_attempts must be at least 1")
+    if cfg.unit_rows is not None and cfg.unit_rows < 1:
+        bad(f"unit rows must be at least 1 when given (--unit-rows), got {cfg.unit_rows}")
     if not cfg.out:
         bad("an output directory is required (--out)")
 
@@ -203,11 +210,22 @@ def run_job(cfg: JobConfig) -> JobSummary:
                          "choose a writable location") from e
     # 5. Stale temporaries of a killed run
     removed = clean_stale_temporaries(out_fs, out_root)
-    # 6. Resume: complete shards are skipped
+    # 6. Resume: complete shards are skipped (a complete output without its marker is adopted); the
+    #    others are cut into work units, and units committed by an earlier run are kept
     states = shard_states(out_fs, out_root, shards, caps, fingerprint, cfg.resume)
-    tasks = [ShardTask(shard=st.shard, out_fs=out_fs, out_root=out_root, row_cap=st.row_cap)
-             for st in states if not st.complete]
-    skipped = len(states) - len(tasks)
+    unit_rows = cfg.unit_rows or (preset.score_unit_rows if cfg.mode == "score" else preset.unit_rows)
+    ledger = UnitLedger(out_fs, out_root, fingerprint)
+    tasks: list[ShardTask] = []
+    units_total = 0
+    for st in states:
+        if st.complete:
+            continue
+        planned = ledger.plan(st.shard, st.row_cap, unit_rows, cfg.resume)
+        units_total += len(ledger.books[st.shard.rel].units) if st.shard.rel in ledger.books else len(planned)
+        tasks.extend(planned)
+    tasks.sort(key=lambda t: -t.rows)  # largest first (stable: input order among equals)
+    skipped = sum(st.complete for st in states)
+    adopted = sum(st.adopted for st in states)
     base = {
         "state": "running",
         "config_hash": fingerprint,
@@ -227,19 +245,27 @@ def run_job(cfg: JobConfig) -> JobSummary:
                           draft_size=draft, decode_threads=cfg.decode_threads, seed=preset.seed,
                           fingerprint=fingerprint)
     spec = EngineSpec(preset=preset, mode=cfg.mode, models_dir=cfg.models_dir)
-    todo_rows = sum(t.row_cap if t.row_cap is not None else t.shard.num_rows for t in tasks)
-    progress = Progress(todo_rows, len(tasks), quiet=cfg.quiet)
+    todo_rows = sum(t.rows for t in tasks)
+    progress = Progress(todo_rows, len(states) - skipped, quiet=cfg.quiet)
     if skipped:
-        progress.say(f"resume: {skipped} of {len(states)} shards already complete in {out_root}")
+        progress.say(f"resume: {skipped} of {len(states)} shards already complete in {out_root}"
+                     + (f" ({adopted} adopted from their footer record)" if adopted else ""))
+    if units_total > len(tasks):
+        progress.say(f"resume: {units_total - len(tasks)} of {units_total} work units already committed")
     if removed:
         progress.say(f"removed {removed} temporary file(s) left by an interrupted run")
     report = ExecReport()
+    early = ledger.complete_now()  # every unit committed before a kill, not yet assembled
+    for res in early:
+        progress.shard_done(res)
     try:
         if cfg.executor == "local":
-            report = run_local(tasks, spec, opts, progress)
+            report = run_local(tasks, spec, opts, progress, finish=ledger.finish)
         else:
             report = run_ray(tasks, spec, opts, progress, address=cfg.address, workers=cfg.workers,
-                             gpus_per_worker=cfg.gpus_per_worker, max_attempts=cfg.max_attempts)
+                             gpus_per_worker=cfg.gpus_per_worker, max_attempts=cfg.max_attempts,
+                             finish=ledger.finish)
+        report.results[:0] = early
     except KeyboardInterrupt:
         report.interrupted = True
     finally:
@@ -252,7 +278,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
     errors = tot["status"].get("error", 0)
     error_rate = errors / rows if rows else 0.0
     wall = time.perf_counter() - t0
-    rows_run = sum(r.rows for r in report.results)
+    rows_run = report.rows
     busy = max(wall - report.startup_s, 1e-9)
     if report.interrupted:
         state, code = "interrupted", EXIT_INTERRUPTED
@@ -272,7 +298,8 @@ def run_job(cfg: JobConfig) -> JobSummary:
         shards_failed=report.failures, rows=rows, status=tot["status"], routes=tot["routes"],
         error_rate=error_rate, rows_this_run=rows_run, wall_s=wall, startup_s=report.startup_s,
         items_per_s=rows_run / busy, retries=report.retries, manifest=manifest_path(out_root),
-        removed_temporaries=removed, notes=notes,
+        removed_temporaries=removed, units_run=report.units, units_total=units_total, adopted=adopted,
+        notes=notes,
     )
     write_manifest(out_fs, out_root, {
         **base,
@@ -284,7 +311,8 @@ def run_job(cfg: JobConfig) -> JobSummary:
         "run": {"wall_s": round(wall, 3), "startup_s": round(report.startup_s, 3), "rows": rows_run,
                 "items_per_s": round(rows_run / busy, 3), "shards_run": len(report.results),
                 "shards_skipped": skipped, "retries": report.retries, "workers": report.workers,
-                "executor": cfg.executor},
+                "executor": cfg.executor, "unit_rows": unit_rows, "units_run": report.units,
+                "units_total": units_total, "adopted": adopted},
     })
     # 9. The HTML report: local outputs only (it embeds images read back from OUT); it never fails the job
     summary.notes.append(_write_report(out_fs, out_root))
