@@ -35,6 +35,7 @@ from grefine_curate.pipelines.processor import (
 )
 
 LOG_EVERY_S = 10.0  # plain-log progress interval when stderr is not a terminal
+REPLACEMENT_WAIT_S = float(os.environ.get("GREFINE_REPLACEMENT_WAIT_S", 600))  # no live worker: give up after this
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +281,7 @@ def run_ray(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, prog
     queue: deque[ShardTask] = deque(tasks)
     active: dict[Any, tuple[int, ShardTask]] = {}
     counted: dict[int, int] = {}  # items reported by the current attempt on actor i
+    starting: dict[Any, int] = {}  # ready() of replacement actors -> their slot
 
     def submit(i: int) -> None:
         if queue:
@@ -297,9 +299,29 @@ def run_ray(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, prog
         report.startup_s += time.perf_counter() - t_ready  # actors up, models loaded
         for i in range(n):
             submit(i)
-        while active:
-            ready, _ = ray.wait(list(active), num_returns=1, timeout=1.0)
+        idle_since = time.perf_counter()
+        while active or (queue and starting):
+            ready, _ = ray.wait(list(active) + list(starting), num_returns=1, timeout=1.0)
+            if active or ready:
+                idle_since = time.perf_counter()
+            elif time.perf_counter() - idle_since > REPLACEMENT_WAIT_S:
+                # every worker died and none can be placed again (a lost node took the capacity)
+                msg = (f"no worker could be started for {REPLACEMENT_WAIT_S:.0f}s (each needs {cpus:g} CPU, "
+                       f"{gpus:g} GPU); the cluster lost the capacity")
+                report.failures.extend((t.shard.rel, msg) for t in queue)
+                progress.say(f"giving up on {len(queue)} unit(s): {msg}", always=True)
+                queue.clear()
+                break
             for gen in ready:
+                if gen in starting:  # a replacement worker is up: only now does it take a unit
+                    i = starting.pop(gen)
+                    try:
+                        ray.get(gen)
+                    except Exception as e:  # noqa: BLE001 - it could not start; the other workers go on
+                        progress.say(f"a replacement worker could not start: {type(e).__name__}: {e}", always=True)
+                        continue
+                    submit(i)
+                    continue
                 i, task = active[gen]
                 try:
                     ev = ray.get(next(gen))
@@ -315,17 +337,19 @@ def run_ray(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, prog
                     except Exception:  # noqa: BLE001 - already gone
                         pass
                     actors[i] = new_actor()
+                    # The replacement takes work once it is up; until then the lost unit waits in the queue
+                    # for whichever worker frees first (after a node loss there may be no room for it).
+                    starting[actors[i].ready.remote()] = i
                     clean_shard_temporaries(task.out_fs, task.output_path)  # the dead attempt's partial file
                     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                     if task.attempt < max_attempts:
                         report.retries += 1
                         queue.appendleft(replace(task, attempt=task.attempt + 1))
                         progress.say(f"worker died on shard {task.shard.rel} (attempt {task.attempt}: {first}); "
-                                     "retrying on a fresh worker", always=True)
+                                     "retrying on the next free worker", always=True)
                     else:
                         report.failures.append((task.shard.rel, f"worker died {task.attempt} times: {first}"))
                         progress.say(f"shard failed: {task.shard.rel}: worker died {task.attempt} times", always=True)
-                    submit(i)
                     continue
                 except RayTaskError as e:
                     del active[gen]

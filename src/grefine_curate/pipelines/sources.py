@@ -147,8 +147,10 @@ def _without_nested_outputs(infos: list, root: str) -> list:
 def _refuse_mixed(where: str, pq_infos: list, infos: list) -> None:
     images = [i for i in infos if i.path.lower().endswith(IMAGE_EXTENSIONS)]
     if pq_infos and images:
+        tars = sum(_is_tar(i.path) for i in pq_infos)
+        what = "tar" if tars == len(pq_infos) else "Parquet" if not tars else "Parquet and tar"
         raise InputError(
-            f"{where}: holds both Parquet/tar files ({len(pq_infos)}, e.g. {pq_infos[0].path}) and image files "
+            f"{where}: holds both {what} files ({len(pq_infos)}, e.g. {pq_infos[0].path}) and image files "
             f"({len(images)}, e.g. {images[0].path}); pass the Parquet files and the image folder as separate "
             "inputs (for example a glob '*.parquet' and a sub-folder)"
         )
