@@ -259,7 +259,7 @@ def _plan_workers(workers: int | None, gpus_per_worker: float, n_tasks: int) -> 
 
 def run_ray(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, progress: Progress, *,
             address: str | None = None, workers: int | None = None, gpus_per_worker: float = 1.0,
-            max_attempts: int = 3, finish: Finish | None = None) -> ExecReport:
+            max_attempts: int = 3, finish: Finish | None = None, threads_per_worker: int | None = None) -> ExecReport:
     import ray
     from ray.exceptions import ActorDiedError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 
@@ -274,8 +274,10 @@ def run_ray(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, prog
         runtime_env={"env_vars": _forwarded_env()},
     )
 
+    threads = threads_per_worker or (max(1, int(round(cpus))) if not gpus else 2)
+
     def new_actor():
-        return actor_cls.remote(spec, max(1, int(round(cpus))) if not gpus else 2)
+        return actor_cls.remote(spec, threads)
 
     actors: list[Any] = [new_actor() for _ in range(n)]
     queue: deque[ShardTask] = deque(tasks)

@@ -80,6 +80,7 @@ class JobConfig:
     decode_threads: int = 2  # CPU threads decoding images beside the model, per worker
     folder_shard_size: int = 1000  # images per shard of an image folder
     unit_rows: int | None = None  # rows per work unit (None: the preset's unit_rows / score_unit_rows)
+    threads_per_worker: int | None = None  # Ray: torch threads per actor (None: its CPUs; 2 with a GPU)
     max_attempts: int = 3  # Ray: attempts of a shard whose worker died
     draft_decode: bool = True  # score mode: decode JPEGs DCT-scaled to the CLIP input size (faster)
 
@@ -149,6 +150,8 @@ def _check_options(cfg: JobConfig) -> None:
         bad(f"image format {cfg.image_format!r} is not one of {', '.join(IMAGE_FORMATS)}")
     if cfg.folder_shard_size < 1 or cfg.decode_threads < 1 or cfg.max_attempts < 1:
         bad("folder_shard_size, decode_threads and max_attempts must be at least 1")
+    if cfg.threads_per_worker is not None and cfg.threads_per_worker < 1:
+        bad(f"threads per worker must be at least 1 when given, got {cfg.threads_per_worker}")
     if cfg.unit_rows is not None and cfg.unit_rows < 1:
         bad(f"unit rows must be at least 1 when given (--unit-rows), got {cfg.unit_rows}")
     if not cfg.out:
@@ -264,7 +267,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
         else:
             report = run_ray(tasks, spec, opts, progress, address=cfg.address, workers=cfg.workers,
                              gpus_per_worker=cfg.gpus_per_worker, max_attempts=cfg.max_attempts,
-                             finish=ledger.finish)
+                             finish=ledger.finish, threads_per_worker=cfg.threads_per_worker)
         report.results[:0] = early
     except KeyboardInterrupt:
         report.interrupted = True
