@@ -69,6 +69,7 @@ def test_refine_mirrors_the_tar_and_writes_a_sidecar(tmp_path):
     write_tar(tmp_path / "in" / "part" / "00000.tar", members)
     s = run_job(_cfg(tmp_path / "in", tmp_path / "out", save_maps=True))
     assert s.exit_code == 0 and s.rows == 6, s.lines()
+    assert (tmp_path / "out" / "report.html").exists(), s.notes  # the report reads the sidecar's scores
     out = _read_tar(tmp_path / "out" / "part" / "00000.tar")
     side = pq.read_table(tmp_path / "out" / "part" / "00000.parquet")
     assert side.column(C.KEY).to_pylist() == [f"{i:09d}" for i in range(6)]  # one row per sample, in order

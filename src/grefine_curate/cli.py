@@ -393,7 +393,7 @@ def _job(
     raise typer.Exit(summary.exit_code)
 
 
-InputsArg = Annotated[list[str], typer.Argument(help="Parquet shards (file, directory searched recursively, or glob) or image folders; local paths or s3:// / gs:// URIs.")]
+InputsArg = Annotated[list[str], typer.Argument(help="Parquet shards or WebDataset .tar shards (file, directory searched recursively, or glob) or image folders; local paths or s3:// / gs:// URIs.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 ExecutorOpt = Annotated[str, typer.Option("--executor", help="ray (default; local instance or a cluster) or local (in-process).")]
 AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance).")]

@@ -238,7 +238,8 @@ def run_job(cfg: JobConfig) -> JobSummary:
         "packages": package_versions(),
         "result_config": rcfg,
         "job": dataclasses.asdict(cfg),
-        "inputs": [{"shard": s.rel, "input": fs_uri(s.fs, s.path), "rows": s.num_rows, "row_cap": c}
+        "inputs": [{"shard": s.rel, "output": s.record_rel, "input": fs_uri(s.fs, s.path), "rows": s.num_rows,
+                    "row_cap": c}
                    for s, c in zip(shards, caps)],
     }
     write_manifest(out_fs, out_root, base)
