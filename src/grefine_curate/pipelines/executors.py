@@ -1,12 +1,16 @@
-"""Executors: run the shard processor over pending shards, in-process or on Ray actors.
+"""Executors: run the processor over pending work units, in-process or on Ray actors.
 
 - ``run_local``: the same processor in this process (tests, debugging, small jobs).
 - ``run_ray``: a local Ray instance with zero set-up (or a cluster via ``--address`` /
   ``RAY_ADDRESS``). Actors (one per GPU; on CPU-only clusters ``workers`` CPU actors) load the
-  models once and stream their shard in batches; each shard call is a streaming generator that
+  models once and stream their unit in batches; each unit call is a streaming generator that
   reports items done per batch, so the driver shows item-level progress while holding no rows.
-  A worker that dies mid-shard (crash, OOM kill, node loss) is replaced and its shard resubmitted
-  (up to ``max_attempts``); its partial temporary file is never renamed, so nothing is counted twice.
+  A worker that dies mid-unit (crash, OOM kill, node loss) is replaced and its unit resubmitted
+  (up to ``max_attempts``) to the next free worker; its partial temporary file is never renamed,
+  so nothing is counted twice.
+
+Each finished unit goes to ``finish`` (the driver's UnitLedger), which assembles a file's output
+when its last unit lands.
 
 Both report progress on the driver: tqdm bars over items and shards on a terminal, plain log
 lines otherwise, nothing with ``quiet``.

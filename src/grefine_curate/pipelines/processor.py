@@ -1,16 +1,20 @@
-"""The shard processor: one input shard in, one complete output shard (and its marker) out.
+"""The processor: one work unit in (rows [start, stop) of a shard), one committed output out: the
+shard's output file and marker when the unit is the whole shard, else the unit's part (units.py).
 
 This is the step both executors run (in-process, or inside a Ray actor). Per batch of rows:
 
-    1. read raw rows (Parquet row batches / folder files), in input order
+    1. read raw rows (Parquet row batches of the unit's row groups / folder files / tar samples), in
+       input order
     2. decode images on a CPU thread pool, one batch ahead of the model (decode k+1 while the model
        runs batch k)
     3. score: PQ-Map p, P and AQ-Map a, A (paper sec. 3.1-3.2); a null or empty prompt gives PQ only
     4. refine mode: route by (p, a) and run the balanced refiner (paper sec. 3.3) on light/full items
-    5. append the rows to the output, written under a temporary name
+    5. append the rows to the output, written under a temporary name (a WebDataset tar: the sidecar,
+       and in refine mode the mirrored tar, sample by sample)
 
-When every row is written, the file is renamed into place and the shard's completion marker is
-written (both atomic), so a killed job leaves either a complete shard or an ignorable temporary.
+When every row is written, the footer gets the commit record (records.py), the file is renamed into
+place and, for a whole shard, its marker is written (all atomic), so a killed job leaves either a
+complete file or an ignorable temporary.
 
 Nothing disappears silently: an item that cannot be decoded or scored becomes a row with status
 ``error`` and the message. A model failure on a batch falls back to one item at a time, so one bad

@@ -1,10 +1,11 @@
-"""Data sources of the curation job: Parquet shards and image folders, found through ``pyarrow.fs``.
+"""Data sources of the curation job: Parquet shards, WebDataset tars and image folders, found through ``pyarrow.fs``.
 
-A *shard* is the unit of work, of retry and of resume. A Parquet input gives one shard per file
-(a file, a directory searched recursively, or a glob); an image folder is cut into shards of
-``folder_shard_size`` images in sorted path order. Prompts of a folder come from sidecar ``.txt``
-files or from ``metadata.jsonl`` / ``metadata.csv`` (``file_name`` + ``text``, the Hugging Face
-imagefolder convention).
+A *shard* is one input file and one output file: a Parquet input gives one shard per file (a file,
+a directory searched recursively, or a glob), a WebDataset input one per ``.tar`` (see
+tar_shards.py); an image folder is cut into shards of ``folder_shard_size`` images in sorted path
+order. Shards are cut further into work units (units.py), the unit of scheduling, retry and resume.
+Prompts of a folder come from sidecar ``.txt`` files or from ``metadata.jsonl`` / ``metadata.csv``
+(``file_name`` + ``text``, the Hugging Face imagefolder convention).
 
 Everything here reads metadata only (file listings, Parquet footers): the whole input is checked
 (columns present, types usable, no output-name clash) before any image is touched, so a bad
@@ -55,9 +56,9 @@ class FolderItem:
 
 @dataclass
 class Shard:
-    """One unit of work. Picklable: it travels to Ray actors."""
+    """One input (and output) file. Picklable: it travels to Ray actors."""
 
-    kind: str  # "parquet" | "folder"
+    kind: str  # "parquet" | "folder" | "tar"
     fs: pafs.FileSystem
     path: str  # parquet: the file; folder: the folder root
     rel: str  # output name relative to OUT (parquet: same relative path; folder: scores/<name>-NNNNN.parquet)
