@@ -78,9 +78,14 @@ def main() -> None:
                 out = os.path.join(work, f"out-{w}-{r}")
                 s = run(inp, out, w, args.unit_rows)
                 man = json.load(open(os.path.join(out, "_grefine", "manifest.json")))["run"]
+                marker = json.load(open(os.path.join(out, "_grefine", "shards", "one.parquet.json")))
+                # units working at once: their seconds added up over the busy wall time (2.0 = both workers
+                # busy throughout, however slow the shared CPUs made each of them)
+                overlap = sum(u["seconds"] for u in marker["units"]) / max(s.wall_s - s.startup_s, 1e-9)
                 print(f"round {r + 1}: {man['workers']} worker(s): {s.rows} rows in {s.wall_s - s.startup_s:.1f}s = "
-                      f"{s.items_per_s:.1f} img/s ({s.units_run} units of <= {man['unit_rows']} rows; "
-                      f"start-up {s.startup_s:.1f}s excluded)")
+                      f"{s.items_per_s:.1f} img/s ({s.units_run} units of <= {man['unit_rows']} rows, "
+                      f"{overlap:.2f} at once; start-up {s.startup_s:.1f}s excluded; "
+                      f"load average {os.getloadavg()[0]:.1f})")
                 best[w] = max(best[w], s.items_per_s)
                 shutil.rmtree(out, ignore_errors=True)
         ray.shutdown()

@@ -557,7 +557,9 @@ def _folder_batches(task: ShardTask, batch_size: int) -> Iterator[tuple[None, li
 def _tar_batches(task: ShardTask, batch_size: int) -> Iterator[tuple[None, list[Item]]]:
     shard = task.shard
     batch: list[Item] = []
-    for sample in iter_samples(shard.fs, shard.path, stop=task.end):
+    # A tar is one unit: read to its end (or --limit), not to the header count taken at discovery, so
+    # that no sample can be left out if the two passes ever disagree.
+    for sample in iter_samples(shard.fs, shard.path, stop=task.row_cap):
         if sample.index < task.start:
             continue
         prompt, meta, json_error = sample_prompt(sample)
