@@ -31,7 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def s3_env():
     """A moto S3 server on 127.0.0.1 (random port) and the environment a client needs to reach it."""
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] is a test dependency (pip install -e '.[test]')")
+    import moto.server as moto_server  # moto[server]: in the `test` extra (pip install -e '.[test]')
+
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
