@@ -204,3 +204,66 @@ def test_models_list_has_header(capsys):
     code, out, _ = run_cli(["models", "list"], capsys)
     assert code == 0 and out.splitlines()[0].split() == ["preset", "component", "model", "present"]
     assert "diffusers/stable-diffusion-xl-1.0-inpainting-0.1" in out
+
+
+# --------------------------------------------------------------------------------------------- #
+# First-run bugs (issue #11)
+
+
+def test_refine_out_is_encoded_by_its_extension_or_refused(image_file, tmp_path, capsys):
+    out = tmp_path / "refined.jpg"
+    code, _, err = run_cli(["refine", str(image_file), "--prompt", "a red cat", "--preset", "tiny", "--out", str(out),
+                            "-q"], capsys)
+    assert code == 0, err
+    assert Image.open(out).format == "JPEG" and err == ""  # -q: no tiny-preset note
+    for bad in ("refined.gif", "refined"):
+        code, _, err = run_cli(["refine", str(image_file), "--prompt", "a red cat", "--preset", "tiny",
+                                "--out", str(tmp_path / bad)], capsys)
+        assert code == 2 and bad in err and ".png" in err and not (tmp_path / bad).exists()
+
+
+def test_refine_json_reports_the_scores_after_a_skip(image_file, tmp_path, capsys):
+    cfg = tmp_path / "skip.toml"
+    cfg.write_text("[routing]\nskip_a = 0.0\nlight_a = 0.0\n")  # tiny preset: p ignored, so every image skips
+    code, out, err = run_cli(["refine", str(image_file), "--prompt", "a red cat", "--preset", "tiny", "--config",
+                              str(cfg), "--out", str(tmp_path / "r.png"), "--json"], capsys)
+    assert code == 0, err
+    obj = json.loads(out)
+    assert obj["route"] == "skip" and obj["p_after"] == obj["p"] and obj["a_after"] == obj["a"]
+    code, out, _ = run_cli(["refine", str(image_file), "--prompt", "a red cat", "--preset", "tiny", "--config",
+                            str(cfg), "--out", str(tmp_path / "r.png")], capsys)
+    assert f"p {obj['p']:.4f} -> {obj['p']:.4f}" in out  # the text and the JSON say the same
+
+
+@pytest.mark.parametrize("cmd", ["run", "score", "eval", "train-pq", "refine"])
+def test_help_has_quiet_and_no_type_placeholders(cmd, capsys):
+    code, out, _ = run_cli([cmd, "--help"], capsys)
+    assert code == 0 and "-q" in out
+    assert "<bool>" not in out and "<list[str]>" not in out
+    if cmd in ("run", "score"):
+        assert "Resume even though" not in out and "recompute" in " ".join(out.split())
+
+
+def test_a_typo_in_a_config_file_names_the_file(image_file, tmp_path, capsys):
+    cfg = tmp_path / "mine.toml"
+    cfg.write_text("[aq]\nbetta = 0.3\n")
+    code, _, err = run_cli(["pq", str(image_file), "--preset", "tiny", "--config", str(cfg)], capsys)
+    assert code == 2 and str(cfg) in err and "'betta'" in err and "'beta'" in err
+
+
+def test_train_pq_suggests_its_own_options(mos_parquet, tmp_path, capsys):
+    code, _, err = run_cli(["train-pq", str(mos_parquet), "--out", str(tmp_path / "p.safetensors"), "--preset", "tiny",
+                            "--mos", "overall=dmos", "-q"], capsys)
+    assert code == 2 and "dmos" in err and "--mos FACTOR=COLUMN" in err and "--mos-column" not in err
+
+
+def test_maps_and_masks_are_encoded_by_their_extension_or_refused(image_file, tmp_path, capsys):
+    code, _, err = run_cli(["pq", str(image_file), "--preset", "tiny", "--save-map", str(tmp_path / "p.jpg")], capsys)
+    assert code == 0, err
+    assert Image.open(tmp_path / "p.jpg").format == "JPEG" and Image.open(tmp_path / "p.jpg").size == (80, 48)
+    code, _, err = run_cli(["aq", str(image_file), "--prompt", "a cat", "--preset", "tiny",
+                            "--save-map", str(tmp_path / "a.tga")], capsys)
+    assert code == 2 and "a.tga" in err and ".png" in err
+    code, _, err = run_cli(["refine", str(image_file), "--prompt", "a cat", "--preset", "tiny", "--out",
+                            str(tmp_path / "r.png"), "--save-mask", str(tmp_path / "m.bmp")], capsys)
+    assert code == 2 and "m.bmp" in err and not (tmp_path / "r.png").exists()

@@ -50,3 +50,11 @@ def test_bad_toml_named(tmp_path):
     f.write_text("[routing\n")
     with pytest.raises(ConfigError, match="bad.toml"):
         load_override_file(f)
+
+
+def test_a_typo_in_a_preset_file_names_the_file(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('name = "mine"\n[routing]\nskip_pp = 0.8\n')
+    with pytest.raises(ConfigError) as e:
+        load_preset(str(path))
+    assert str(path) in str(e.value) and "'skip_p'" in str(e.value)

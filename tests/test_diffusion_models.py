@@ -249,3 +249,26 @@ def test_pull_fails_fast_offline(tmp_path, monkeypatch):
         pull_models("sdxl", tmp_path / "dl")
     assert time.perf_counter() - t0 < 5
     assert pull_models("tiny", tmp_path / "dl") == []  # nothing to download
+
+
+def test_job_weight_check_passes_on_a_filled_cache_and_names_a_missing_repo(filled_cache, tmp_path, monkeypatch):
+    from grefine_curate.pipelines.models import check_weights
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    check_weights(SDXL, "refine", filled_cache)  # everything present: no error
+    partial = tmp_path / "partial"
+    import shutil
+
+    shutil.copytree(filled_cache, partial)
+    shutil.rmtree(partial / "models--stabilityai--stable-diffusion-xl-refiner-1.0")
+    check_weights(SDXL, "score", partial)  # score mode needs CLIP only
+    with pytest.raises(ModelUnavailableError) as e:
+        check_weights(SDXL, "refine", partial)
+    assert "stabilityai/stable-diffusion-xl-refiner-1.0" in str(e.value) and "models pull" in str(e.value)
+
+
+def test_random_components_are_built_in_the_target_dtype():
+    """bfloat16 from the start: a full-size UNet built in float32 first would need 10 GB more at its peak."""
+    vae = build_arch_component("sdxl_vae", "cpu", torch.bfloat16)
+    assert {p.dtype for p in vae.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32  # restored

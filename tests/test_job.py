@@ -148,8 +148,8 @@ def test_score_mode_writes_ids_prompts_scores_and_compact_maps(tmp_path):
     summary = run_job(job(tmp_path, [tmp_path / "in"], mode="score", save_maps=True, id_column="row_key"))
     assert summary.exit_code == 0 and summary.rows == 8 and summary.routes == {}
     out = pq.read_table(tmp_path / "out" / "part-b" / "shard-001.parquet")
-    assert out.column_names == [C.ID, C.PROMPT, C.STATUS, C.ERROR, C.PQ_SCORE, C.AQ_SCORE, C.UNMATCHED,
-                                C.PQ_MAP, C.AQ_MAP]
+    assert out.column_names == [C.ID, C.PROMPT, "prompt", "row_key", "meta", C.STATUS, C.ERROR, C.PQ_SCORE,
+                                C.AQ_SCORE, C.UNMATCHED, C.PQ_MAP, C.AQ_MAP]  # input columns but the image kept
     assert out.column(C.ID).to_pylist() == ["4", "5", "6", "7"]
     src = pq.read_table(tmp_path / "in" / "part-b" / "shard-001.parquet")
     assert out.column(C.PROMPT).to_pylist() == src.column("prompt").to_pylist()
@@ -303,3 +303,188 @@ def test_progress_bars_on_a_terminal_plain_lines_otherwise_nothing_when_quiet(mo
     p.shard_done(res)
     p.say("shard failed: x", always=True)
     assert quiet.getvalue() == "shard failed: x\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# First-run bugs (issue #11)
+
+
+def test_a_failed_start_does_not_lock_its_output_folder(tmp_path, monkeypatch):
+    from grefine_curate.curate.errors import ModelUnavailableError
+
+    write_dataset(str(tmp_path / "in"), shards=1, rows=2)
+
+    def cannot_load(spec):
+        raise ModelUnavailableError("weights of the stage-1 model are not available (simulated)")
+
+    monkeypatch.setattr(executors, "cached_engine", cannot_load)
+    with pytest.raises(ModelUnavailableError):
+        run_job(job(tmp_path, [tmp_path / "in"], overrides={"aq": {"beta": 0.3}}))
+    man = json.loads((tmp_path / "out" / "_grefine" / "manifest.json").read_text())
+    assert man["state"] == "failed" and "simulated" in man["error"]  # not "running" forever
+    monkeypatch.undo()
+    retry = run_job(job(tmp_path, [tmp_path / "in"]))  # another config, same OUT: nothing was written, no lock
+    assert retry.exit_code == 0 and retry.rows == 2
+
+
+
+def test_missing_weights_are_found_before_any_executor_starts(tmp_path, monkeypatch):
+    from grefine_curate.curate.errors import ModelUnavailableError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write_dataset(str(tmp_path / "in"), shards=1, rows=2)
+
+    def no_start(*args, **kwargs):
+        raise AssertionError("an executor was started before the weights were checked")
+
+    monkeypatch.setattr(executors, "init_ray", no_start)
+    monkeypatch.setattr(executors, "cached_engine", no_start)
+    for mode in ("score", "refine"):  # the executors above fail the test if they are reached first
+        with pytest.raises(ModelUnavailableError) as e:
+            run_job(job(tmp_path, [tmp_path / "in"], preset="sdxl", executor="ray", mode=mode,
+                        models_dir=str(tmp_path / "models")))
+        msg = str(e.value)
+        assert "ViT-B-16-quickgelu" in msg and str(tmp_path / "models") in msg and "models pull" in msg
+    assert not (tmp_path / "out" / "_grefine" / "manifest.json").exists()  # nothing written
+
+
+
+def test_a_smaller_limit_never_shrinks_a_finished_output_silently(tmp_path):
+    write_dataset(str(tmp_path / "in"), shards=2, rows=5)
+    assert run_job(job(tmp_path, [tmp_path / "in"], mode="score")).rows == 10
+    with pytest.raises(ConfigError) as e:
+        run_job(job(tmp_path, [tmp_path / "in"], mode="score", limit=2))
+    msg = str(e.value)
+    assert "--limit 2" in msg and "part-a/shard-000.parquet" in msg and "5 rows" in msg and "--force" in msg
+    assert pq.read_table(tmp_path / "out" / "part-a" / "shard-000.parquet").num_rows == 5  # untouched
+    forced = run_job(job(tmp_path, [tmp_path / "in"], mode="score", limit=2, force=True))
+    assert forced.rows == 2 and any("removed" in n and "--limit" in n for n in forced.notes)
+    assert pq.read_table(tmp_path / "out" / "part-a" / "shard-000.parquet").num_rows == 2
+    assert files_under(tmp_path / "out" / "part-b") == []  # the shard past the limit: removed, and said so
+    assert files_under(tmp_path / "out" / "_grefine" / "shards" / "part-b") == []
+
+
+
+def test_a_smaller_limit_on_a_folder_leaves_no_stale_images(tmp_path):
+    rels = write_folder(str(tmp_path / "imgs"), n=5)
+    assert run_job(job(tmp_path, [tmp_path / "imgs"])).rows == 5
+    with pytest.raises(ConfigError):
+        run_job(job(tmp_path, [tmp_path / "imgs"], limit=2))
+    assert len(files_under(tmp_path / "out" / "images")) == 5
+    forced = run_job(job(tmp_path, [tmp_path / "imgs"], limit=2, force=True))
+    assert forced.rows == 2
+    assert files_under(tmp_path / "out" / "images") == sorted(rels)[:2]
+
+
+
+def test_seed_is_exact_on_every_row_error_rows_included(tmp_path, fake_engine):
+    import zlib
+
+    rows = [jpeg(0), b"broken", jpeg(1)]
+    pq.write_table(pa.table({"image": rows, "prompt": ["a cat", "a dog", "a cow"]}), tmp_path / "s.parquet")
+    assert run_job(job(tmp_path, [tmp_path / "s.parquet"], max_error_rate=1.0)).exit_code == 0
+    t = pq.read_table(tmp_path / "out" / "s.parquet")
+    assert t.column(C.STATUS).to_pylist() == ["ok", "error", "ok"]
+    df = t.to_pandas()
+    assert str(df[C.SEED].dtype) == "int64"  # a null would make pandas read float64 and round the seed
+    assert df[C.SEED].tolist() == [zlib.crc32(f"s.parquet#{i}".encode()) for i in range(3)]
+
+
+def test_hugging_face_schema_metadata_is_kept_in_every_parquet_output(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    write_shard(str(tmp_path / "in" / "hf.parquet"), 3, struct=True)
+    for name, kw in (("kept", {"mode": "score", "keep_images": True}), ("scores", {"mode": "score"}),
+                     ("refined", {"mode": "refine"})):
+        assert run_job(job(tmp_path, [tmp_path / "in"], out=tmp_path / name, **kw)).exit_code == 0
+        table = pq.read_table(tmp_path / name / "hf.parquet")
+        assert b"huggingface" in (table.schema.metadata or {}), name
+        ds = datasets.Dataset(table)  # raises when the declared features and the columns disagree
+        has_image = "image" in table.column_names
+        assert has_image == (name != "scores")
+        if has_image:  # still an image to `datasets`, not a struct of bytes
+            assert isinstance(ds.features["image"], datasets.Image), name
+        assert ds.features["prompt"] == datasets.Value("string")
+
+
+def test_an_id_column_is_picked_automatically_and_input_columns_are_kept_in_score_mode(tmp_path):
+    (tmp_path / "in").mkdir()
+    for i, id_name in enumerate(("id", "key", "uid")):
+        pq.write_table(pa.table({"image": [jpeg(0), jpeg(1)], "prompt": ["a cat", "a dog"],
+                                 id_name: [f"k{i}0", f"k{i}1"], "license": ["cc-by", "cc0"]}),
+                       tmp_path / "in" / f"{id_name}.parquet")
+    assert run_job(job(tmp_path, [tmp_path / "in"], mode="score")).exit_code == 0
+    for i, id_name in enumerate(("id", "key", "uid")):
+        out = pq.read_table(tmp_path / "out" / f"{id_name}.parquet")
+        assert out.column(C.ID).to_pylist() == [f"k{i}0", f"k{i}1"]
+        assert out.column(id_name).to_pylist() == [f"k{i}0", f"k{i}1"]  # the input's columns, for joins
+        assert out.column("license").to_pylist() == ["cc-by", "cc0"] and "image" not in out.column_names
+    bare = run_job(job(tmp_path, [tmp_path / "in"], out=tmp_path / "bare", mode="score", input_columns=False))
+    assert bare.exit_code == 0
+    out = pq.read_table(tmp_path / "bare" / "id.parquet")
+    assert out.column_names == [C.ID, C.PROMPT, C.STATUS, C.ERROR, C.PQ_SCORE, C.AQ_SCORE, C.UNMATCHED]
+
+
+def test_out_equal_to_an_input_folder_is_said(tmp_path):
+    write_folder(str(tmp_path / "imgs"), n=2)
+    for out in (tmp_path / "imgs", tmp_path):  # the input folder itself, or a folder around it
+        with pytest.raises(InputError) as e:
+            run_job(job(tmp_path, [tmp_path / "imgs"], out=out))
+        msg = str(e.value)
+        assert "--out" in msg and str(tmp_path / "imgs") in msg and "no input found" not in msg
+    assert not (tmp_path / "imgs" / "_grefine").exists()
+
+
+def test_no_resume_recomputes_a_changed_config_without_force(tmp_path):
+    write_dataset(str(tmp_path / "in"), shards=1, rows=2)
+    assert run_job(job(tmp_path, [tmp_path / "in"], mode="score")).exit_code == 0
+    s = run_job(job(tmp_path, [tmp_path / "in"], mode="score", overrides={"aq": {"beta": 0.3}}, resume=False))
+    assert s.exit_code == 0 and s.shards_run == 1  # every row is rewritten: nothing of two configs mixes
+    man = json.loads((tmp_path / "out" / "_grefine" / "manifest.json").read_text())
+    assert man["result_config"]["preset"]["aq"]["beta"] == 0.3
+
+
+def test_interrupted_summary_agrees_with_the_shards_on_disk(tmp_path, monkeypatch):
+    """Ctrl-C with Ray: a worker may finish a shard the driver has not heard of yet; the summary counts
+    complete shards from their markers, and says which are unfinished."""
+    from grefine_curate.pipelines import job as job_module
+
+    write_dataset(str(tmp_path / "in"), shards=3, rows=2)
+    real = executors.run_local
+
+    def interrupted(tasks, spec, opts, progress):
+        rep = real(tasks[:2], spec, opts, progress)  # two shards finish on disk ...
+        rep.results, rep.interrupted = rep.results[:1], True  # ... the driver saw one when Ctrl-C came
+        return rep
+
+    monkeypatch.setattr(job_module, "run_local", interrupted)
+    s = run_job(job(tmp_path, [tmp_path / "in"], mode="score"))
+    assert (s.exit_code, s.rows, s.shards_run, s.rows_this_run) == (130, 4, 2, 4)
+    assert s.lines()[0].startswith("interrupted: 4 rows in 2 of 3 shards") and "1 unfinished" in s.lines()[0]
+    man = json.loads((tmp_path / "out" / "_grefine" / "manifest.json").read_text())
+    assert man["run"]["rows"] == 4 and man["run"]["shards_run"] == 2
+
+
+def test_progress_bars_start_with_the_work_so_start_up_output_stays_readable():
+    """Ray prints a notice while it starts (token authentication); bars drawn before it would be torn."""
+    tty = _Stream(True)
+    p = Progress(total_items=8, total_shards=2, stream=tty)
+    assert tty.getvalue() == ""  # nothing drawn during start-up (Ray init, model loading)
+    p.say("resume: 1 of 2 shards already complete")
+    assert tty.getvalue() == "resume: 1 of 2 shards already complete\n"
+    p.items(4)
+    p.close()
+    assert "4/8" in tty.getvalue() and "img/s" in tty.getvalue()
+
+
+def test_a_complete_output_reruns_without_weights(tmp_path, monkeypatch):
+    write_dataset(str(tmp_path / "in"), shards=1, rows=2)
+    assert run_job(job(tmp_path, [tmp_path / "in"], mode="score")).exit_code == 0
+
+    def missing(*args):
+        raise AssertionError("weights checked although no shard is left to run")
+
+    from grefine_curate.pipelines import job as job_module
+
+    monkeypatch.setattr(job_module, "check_weights", missing)
+    again = run_job(job(tmp_path, [tmp_path / "in"], mode="score"))
+    assert again.exit_code == 0 and again.shards_skipped == 1

@@ -20,6 +20,29 @@ import typer
 
 from grefine_curate import __version__
 
+
+def _plain_help_types() -> None:
+    """Typer 0.2x writes every parameter's Python type into help: `<bool>` after a flag, which takes
+    no value, and `<list[str]>` after a variadic argument, whose name already says it. Drop those two
+    (other types, `<int>`, `<path>`, stay). A no-op on Typer versions without these hooks."""
+    from typer import core
+
+    def patch(cls, drop):
+        show = getattr(cls, "display_type_rich", None)
+        if show is None or getattr(show, "_grefine", False):
+            return
+
+        def display_type_rich(self, ctx):
+            return None if drop(self) else show(self, ctx)
+
+        display_type_rich._grefine = True
+        cls.display_type_rich = display_type_rich
+
+    patch(core.TyperOption, lambda p: p.is_flag)
+    patch(core.TyperArgument, lambda p: p.nargs != 1)
+
+
+_plain_help_types()
 app = typer.Typer(
     name="grefine-curate",
     help="Curate AI-generated images with G-Refine: score perceptual (PQ-Map) and alignment (AQ-Map) "
@@ -39,6 +62,14 @@ PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="Preset name (sdx
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML file overriding preset values (same tables as a preset).")]
 ModelsDirOpt = Annotated[Optional[Path], typer.Option("--models-dir", help="Local model cache (from `models pull`), for machines without internet.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a human summary.")]
+RandomOpt = Annotated[bool, typer.Option(
+    "--random-weights",
+    help="Benchmark and wiring check: build the preset's full-size models (CLIP and both diffusion "
+    "pipelines) with random weights, no download. Outputs carry no quality meaning.")]
+
+# What --random-weights changes in a preset (random CLIP of the same architecture; diffusion models
+# from configs/arch); recorded in the manifest like any other config value.
+RANDOM_WEIGHTS = {"clip": {"pretrained": "", "checkpoint": None}, "refiner": {"random_weights": True}}
 
 
 def _version(value: bool) -> None:
@@ -74,6 +105,29 @@ def _write(path: Path, data: bytes) -> None:
         _fail(f"cannot write {path}: {e.strerror or e}", EXIT_USAGE)
 
 
+# Formats image files are written in, by the file's extension (the bytes must match what the name says).
+OUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def _out_format(path: Path, option: str) -> str:
+    fmt = OUT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        _fail(f"{option} {path}: cannot tell the image format from {path.suffix or 'a name without extension'!r}; "
+              f"end the name with one of {', '.join(OUT_FORMATS)}", EXIT_USAGE)
+    return fmt
+
+
+def _map_bytes(m, fmt: str) -> bytes:
+    """A map in [0, 1] as 8-bit grey in ``fmt`` (PNG keeps it exact)."""
+    import numpy as np
+    from PIL import Image
+
+    from grefine_curate.curate.images import encode_image
+
+    arr = np.clip(np.asarray(m, dtype=np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return encode_image(Image.fromarray(arr, "L"), fmt)
+
+
 def _print_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=2, default=float))
 
@@ -90,9 +144,23 @@ def _scorer(preset, models_dir: Path | None):
     return QualityScorer(preset, models_dir=models_dir)
 
 
-def _warn_tiny(preset) -> None:
+def _overrides(random_weights: bool = False, prompts: Path | None = None) -> dict | None:
+    """Nested preset overrides from command-line switches (None when there are none)."""
+    out: dict = dict(RANDOM_WEIGHTS) if random_weights else {}
+    if prompts:
+        out["pq"] = {"prompts": str(prompts)}
+    return out or None
+
+
+def _warn_tiny(preset, quiet: bool = False) -> None:
+    if quiet:
+        return
     if preset.clip.model == "tiny":
         typer.secho("note: the tiny preset uses random weights; its scores carry no quality meaning.", err=True, fg=typer.colors.YELLOW)
+    elif preset.refiner.random_weights and not preset.clip.pretrained and not preset.clip.checkpoint:
+        typer.secho(f"note: --random-weights: the {preset.name} architectures with random weights (a benchmark "
+                    "and wiring check); scores, maps and images carry no quality meaning.", err=True,
+                    fg=typer.colors.YELLOW)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -106,19 +174,19 @@ def pq(
     preset: PresetOpt = "sdxl",
     config: ConfigOpt = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="PQ prompt file (.safetensors from train-pq) instead of the preset's.")] = None,
-    save_map: Annotated[Optional[Path], typer.Option("--save-map", help="Write the PQ map as an 8-bit grey PNG of the image's size (white = good).")] = None,
+    save_map: Annotated[Optional[Path], typer.Option("--save-map", help="Write the PQ map as an 8-bit grey image of the image's size (white = good); .png (exact), .jpg or .webp.")] = None,
     models_dir: ModelsDirOpt = None,
+    random_weights: RandomOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Perceptual quality of one image: score p, the four factor scores, and the PQ map."""
-    from grefine_curate.curate.images import map_to_png
-
-    cfg = _preset(preset, config, {"pq": {"prompts": str(prompts)}} if prompts else None)
+    map_fmt = _out_format(save_map, "--save-map") if save_map else None  # before any model loads
+    cfg = _preset(preset, config, _overrides(random_weights, prompts))
     _warn_tiny(cfg)
     img = _load_one(image, cfg)
     result = _scorer(cfg, models_dir).score_pq([img])[0]
     if save_map:
-        _write(save_map, map_to_png(result.P))
+        _write(save_map, _map_bytes(result.P, map_fmt))
     if as_json:
         _print_json({"image": str(image), "p": result.p, "factors": result.factors,
                      "width": img.width, "height": img.height, "map": str(save_map) if save_map else None})
@@ -136,21 +204,21 @@ def aq(
     prompt: Annotated[str, typer.Option("--prompt", help="The prompt the image was generated from.")],
     preset: PresetOpt = "sdxl",
     config: ConfigOpt = None,
-    save_map: Annotated[Optional[Path], typer.Option("--save-map", help="Write the AQ map as an 8-bit grey PNG of the image's size (white = needs refinement).")] = None,
+    save_map: Annotated[Optional[Path], typer.Option("--save-map", help="Write the AQ map as an 8-bit grey image of the image's size (white = needs refinement); .png (exact), .jpg or .webp.")] = None,
     models_dir: ModelsDirOpt = None,
+    random_weights: RandomOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Alignment quality of one image with its prompt: score a, per-phrase scores and defects, the AQ map."""
-    from grefine_curate.curate.images import map_to_png
-
-    cfg = _preset(preset, config)
+    map_fmt = _out_format(save_map, "--save-map") if save_map else None  # before any model loads
+    cfg = _preset(preset, config, _overrides(random_weights))
     _warn_tiny(cfg)
     img = _load_one(image, cfg)
     result = _scorer(cfg, models_dir).score([img], [prompt])[0].aq
     if result is None:
         _fail(f"the prompt {prompt!r} is empty after cleaning (see `grefine-curate parse`); AQ-Map needs text", EXIT_USAGE)
     if save_map:
-        _write(save_map, map_to_png(result.A))
+        _write(save_map, _map_bytes(result.A, map_fmt))
     if as_json:
         _print_json({"image": str(image), "prompt": prompt, **result.to_json(), "map": str(save_map) if save_map else None})
         return
@@ -174,12 +242,13 @@ def score_image(
     preset: PresetOpt = "sdxl",
     config: ConfigOpt = None,
     models_dir: ModelsDirOpt = None,
+    random_weights: RandomOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """PQ-Map and AQ-Map of one image in one CLIP forward, and the route the job would take."""
     from grefine_curate.curate.routing import choose_route
 
-    cfg = _preset(preset, config)
+    cfg = _preset(preset, config, _overrides(random_weights))
     _warn_tiny(cfg)
     img = _load_one(image, cfg)
     res = _scorer(cfg, models_dir).score([img], [prompt])[0]
@@ -218,22 +287,27 @@ def parse(
 def refine(
     image: Annotated[Path, typer.Argument(help="Image file to refine.")],
     prompt: Annotated[str, typer.Option("--prompt", help="The prompt the image was generated from.")],
-    out: Annotated[Path, typer.Option("--out", help="Where to write the result (PNG, the original's size).")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the result, at the original's size; the "
+                                      "format follows the extension (.png, .jpg/.jpeg, .webp).")],
     preset: PresetOpt = "sdxl",
     config: ConfigOpt = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed (default: derived from the preset seed and the file name).")] = None,
-    save_mask: Annotated[Optional[Path], typer.Option("--save-mask", help="Write the stage-1 mask as a PNG.")] = None,
+    save_mask: Annotated[Optional[Path], typer.Option("--save-mask", help="Write the stage-1 mask as a black and white image (.png, .jpg or .webp).")] = None,
     models_dir: ModelsDirOpt = None,
+    random_weights: RandomOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No notes on stderr (errors are still printed).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Score, route and refine one image (stage 1 inpaint on the low-quality mask, stage 2 light pass, guard)."""
     import numpy as np
 
-    from grefine_curate.curate.images import encode_png, map_to_png
+    from grefine_curate.curate.images import encode_image
     from grefine_curate.curate.refiner import BalancedRefiner, RefineItem, item_seed
 
-    cfg = _preset(preset, config)
-    _warn_tiny(cfg)
+    fmt = _out_format(out, "--out")  # before any model loads
+    mask_fmt = _out_format(save_mask, "--save-mask") if save_mask else None
+    cfg = _preset(preset, config, _overrides(random_weights))
+    _warn_tiny(cfg, quiet)
     img = _load_one(image, cfg)
     scorer = _scorer(cfg, models_dir)
     res = scorer.score([img], [prompt])[0]
@@ -245,22 +319,25 @@ def refine(
         score_prompt=prompt,  # the guard compares against the original prompt, not the emphasised one
     )
     outcome = refiner.refine([item])[0]
-    _write(out, encode_png(outcome.image))
+    _write(out, encode_image(outcome.image, fmt))
     if save_mask and outcome.mask is not None:
-        _write(save_mask, map_to_png(np.asarray(outcome.mask, dtype=np.float32)))
+        _write(save_mask, _map_bytes(np.asarray(outcome.mask, dtype=np.float32), mask_fmt))
+    # On skip the image is the input, so its scores after are the input's (as in the job's output).
+    p_after = outcome.p_after if outcome.p_after is not None else res.pq.p
+    a_after = outcome.a_after if outcome.a_after is not None else item.a
     report = {
         "image": str(image), "out": str(out), "route": outcome.route, "seed": item.seed,
-        "p": res.pq.p, "a": item.a, "p_after": outcome.p_after, "a_after": outcome.a_after,
-        "mask_area": outcome.mask_area, "unmatched_phrases": res.aq.unmatched if res.aq else [],
-        "refinement_prompt": item.prompt,
+        "p": res.pq.p, "a": item.a, "p_after": p_after, "a_after": a_after,
+        "mask_area": outcome.mask_area, "steps_run": outcome.steps_run,
+        "unmatched_phrases": res.aq.unmatched if res.aq else [], "refinement_prompt": item.prompt,
     }
     if as_json:
         _print_json(report)
         return
     typer.echo(f"{image} -> {out}: route {outcome.route}, mask area {outcome.mask_area:.1%}")
-    typer.echo(f"  p {res.pq.p:.4f} -> {outcome.p_after if outcome.p_after is not None else res.pq.p:.4f}")
+    typer.echo(f"  p {res.pq.p:.4f} -> {p_after:.4f}")
     if item.a is not None:
-        typer.echo(f"  a {item.a:.4f} -> {outcome.a_after if outcome.a_after is not None else item.a:.4f}")
+        typer.echo(f"  a {item.a:.4f} -> {a_after:.4f}")
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -272,7 +349,7 @@ def refine(
 def train_pq(
     data: Annotated[list[str], typer.Argument(help="Parquet files/dirs/globs or image folders (metadata.csv/jsonl) with MOS columns.")],
     out: Annotated[Path, typer.Option("--out", help="Output prompt file (.safetensors); use it with --prompts or pq.prompts.")],
-    mos: Annotated[Optional[list[str]], typer.Option("--mos", help="FACTOR=COLUMN (overall, technical, rationality, naturalness); repeatable. Default: overall=mos.")] = None,
+    mos: Annotated[Optional[list[str]], typer.Option("--mos", metavar="FACTOR=COLUMN", help="Factor and its MOS column (overall, technical, rationality, naturalness); repeatable. Default: overall=mos.")] = None,
     image_column: Annotated[Optional[str], typer.Option("--image-column", help="Image column (bytes or {bytes,path}) for Parquet data (default: auto).")] = None,
     preset: PresetOpt = "sdxl",
     config: ConfigOpt = None,
@@ -285,7 +362,7 @@ def train_pq(
     unlabelled: Annotated[str, typer.Option("--unlabelled", help="Factors without a MOS column: 'overall' (train on overall MOS) or 'fixed'.")] = "overall",
     select: Annotated[str, typer.Option("--select", help="Best epoch by held-out SRCC of 'p' or of 'overall'.")] = "p",
     models_dir: ModelsDirOpt = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the four PQ prompt contexts (image encoder frozen) on images with human MOS."""
@@ -337,14 +414,14 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward.")] = 16,
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% intervals.")] = 1000,
     models_dir: ModelsDirOpt = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """SRCC/PLCC of PQ-Map's p and AQ-Map's a against human scores (like the paper's Tables 6 and 7)."""
     from grefine_curate.pipelines.evaluate import evaluate, format_table
 
     cfg = _preset(preset, config, {"pq": {"prompts": str(prompts)}} if prompts else None)
-    _warn_tiny(cfg)
+    _warn_tiny(cfg, quiet)
     report = evaluate(data, mos_column=mos_column, align_mos_column=align_mos_column, preset=cfg,
                       models_dir=models_dir, batch_size=batch_size, image_column=image_column,
                       prompt_column=prompt_column, n_bootstrap=bootstrap, progress=not quiet)
@@ -374,7 +451,7 @@ def report(
 def _job(
     inputs, out, mode, preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
     save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
-    models_dir, image_format, unit_rows=None,
+    models_dir, image_format, random_weights=False, input_columns=True, unit_rows=None,
 ) -> None:
     from grefine_curate.pipelines.job import JobConfig, run_job
 
@@ -385,8 +462,11 @@ def _job(
         save_maps=save_maps, resume=resume, force=force, max_error_rate=max_error_rate, quiet=quiet,
         keep_images=keep_images, image_column=image_column, prompt_column=prompt_column,
         id_column=id_column, models_dir=str(models_dir) if models_dir else None, image_format=image_format.upper(),
-        unit_rows=unit_rows,
+        overrides=_overrides(random_weights), input_columns=input_columns, unit_rows=unit_rows,
     )
+    if random_weights and not quiet:
+        typer.secho("note: --random-weights: full-size architectures with random weights (a benchmark and wiring "
+                    "check); scores, maps and images carry no quality meaning.", err=True, fg=typer.colors.YELLOW)
     summary = run_job(job)
     for line in summary.lines():
         typer.echo(line, err=summary.exit_code != 0)
@@ -402,15 +482,16 @@ GpusOpt = Annotated[float, typer.Option("--gpus-per-worker", help="GPUs per Ray 
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per model batch.")]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Process only the first N items (for trials).")]
 MapsOpt = Annotated[bool, typer.Option("--save-maps", help="Store 64x64 PQ/AQ maps in the output rows.")]
-ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Skip shards whose output is complete (default) or recompute all.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Resume even though the config changed since the earlier run.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Skip shards whose output is complete (default), or recompute all (a config change is then accepted: every row is rewritten).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Accept a config change (or a smaller --limit) against OUT's earlier run: every shard is recomputed with this config, rows beyond the new limit are removed.")]
 ErrRateOpt = Annotated[float, typer.Option("--max-error-rate", help="Exit 3 when more than this fraction of items failed (the outputs are still complete).")]
 ImageFormatOpt = Annotated[str, typer.Option("--image-format", help="Encoding of refined images in Parquet outputs: PNG, JPEG or WEBP.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 KeepOpt = Annotated[bool, typer.Option("--keep-images", help="Score mode: also copy the image bytes to the output.")]
+InputColsOpt = Annotated[bool, typer.Option("--input-columns/--no-input-columns", help="Score mode, Parquet input: keep the input's other columns (ids, licences, ...) beside the scores (default), or write only ids, prompts and scores.")]
 ImgColOpt = Annotated[Optional[str], typer.Option("--image-column", help="Parquet image column (default: auto: image, jpg, png, img).")]
 PromptColOpt = Annotated[Optional[str], typer.Option("--prompt-column", help="Parquet prompt column (default: auto: prompt, text, caption).")]
-IdColOpt = Annotated[Optional[str], typer.Option("--id-column", help="Parquet id column (default: shard name + row index).")]
+IdColOpt = Annotated[Optional[str], typer.Option("--id-column", help="Parquet id column (default: auto: id, key, uid; else shard name + row index).")]
 UnitRowsOpt = Annotated[Optional[int], typer.Option("--unit-rows", help="Rows per work unit (whole Parquet row groups; the unit of scheduling, retry and resume). Default: the preset's.")]
 
 
@@ -433,11 +514,13 @@ def run(
     max_error_rate: ErrRateOpt = 0.1,
     quiet: QuietOpt = False,
     keep_images: KeepOpt = False,
+    input_columns: InputColsOpt = True,
     image_column: ImgColOpt = None,
     prompt_column: PromptColOpt = None,
     id_column: IdColOpt = None,
     models_dir: ModelsDirOpt = None,
     image_format: ImageFormatOpt = "PNG",
+    random_weights: RandomOpt = False,
     unit_rows: UnitRowsOpt = None,
 ) -> None:
     """Score every image of a data set, route it, refine the low-quality ones, write everything back."""
@@ -445,7 +528,7 @@ def run(
         _fail(f"--mode must be 'refine' or 'score', got {mode!r}", EXIT_USAGE)
     _job(inputs, out, mode, preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
          save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
-         models_dir, image_format, unit_rows)
+         models_dir, image_format, random_weights, input_columns, unit_rows)
 
 
 @app.command()
@@ -466,16 +549,18 @@ def score(
     max_error_rate: ErrRateOpt = 0.1,
     quiet: QuietOpt = False,
     keep_images: KeepOpt = False,
+    input_columns: InputColsOpt = True,
     image_column: ImgColOpt = None,
     prompt_column: PromptColOpt = None,
     id_column: IdColOpt = None,
     models_dir: ModelsDirOpt = None,
+    random_weights: RandomOpt = False,
     unit_rows: UnitRowsOpt = None,
 ) -> None:
     """Score-only audit of a data set (same as `run --mode score`): ids, prompts and PQ/AQ scores."""
     _job(inputs, out, "score", preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
          save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
-         models_dir, "PNG", unit_rows)
+         models_dir, "PNG", random_weights, input_columns, unit_rows)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -5,10 +5,11 @@ For an image and its prompt:
 1. The prompt is cleaned and split into phrases with a noun and a parent each (``syntax.py``,
    eq. 4 and Algorithm 1).
 2. The image's CLIP-Surgery tokens (``surgery.SurgeryEncoder``, (B, 1+HW, D)) are L2-normalised
-   over channels; each text's feature (template ensemble, ``text_features.py``) minus the redundant
+   over channels (``feature_norm="token"``: over the token axis, as the reference code); each text's feature (template ensemble, ``text_features.py``) minus the redundant
    "" feature gives similarities ``sim = tokens @ (text - redundant)^T`` (eq. 5). The score of a text
    is ``sigmoid(score_scale * sim[CLS])``; its map is its patch column, min-max normalised per image
-   and resized to the image's (H, W) (``surgery.tokens_to_maps``; bicubic as for PQ-Map).
+   and resized to the image's (H, W) (``surgery.tokens_to_maps``; PQ-Map's ``map_resize``). A flat
+   column (no spatial evidence) becomes the constant score of its text instead of min-max's 0/0.
    Texts scored: the whole cleaned prompt (clip_score), every phrase (a_phs) and every phrase's noun
    (a_pns). A phrase without a noun uses its own text as its noun, so a_pns == a_phs for it: it can
    be noun-unmatched (as a whole) but never adjective-unmatched.
@@ -77,9 +78,14 @@ def combine_maps(maps: Sequence[np.ndarray], mode: str, size: tuple[int, int]) -
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
+FEATURE_NORMS = ("channel", "token")
+
+
 def _check_config(cfg: AQConfig) -> None:
     if cfg.combine not in COMBINE_MODES:
         raise ValueError(f"aq.combine={cfg.combine!r} is not one of {COMBINE_MODES}")
+    if cfg.feature_norm not in FEATURE_NORMS:
+        raise ValueError(f"aq.feature_norm={cfg.feature_norm!r} is not one of {FEATURE_NORMS}")
     if not 0.0 < cfg.a_bound < 1.0:
         raise ValueError(f"aq.a_bound={cfg.a_bound} must lie in (0, 1): it bounds a sigmoid score")
     if cfg.beta <= 0:
@@ -257,7 +263,8 @@ class AQMap:
         diff = (feats - self.cache.redundant()).to(device=tokens.device, dtype=torch.float32)  # (U, D)
         if diff.shape[1] != dim:
             raise ValueError(f"text features have {diff.shape[1]} channels, image tokens {dim}: different CLIP models?")
-        tok = F.normalize(tokens.float(), dim=-1)  # (B, 1+HW, D) unit norm over channels
+        # (B, 1+HW, D): unit norm over channels; "token" = over the token axis, as the reference code
+        tok = F.normalize(tokens.float(), dim=-1 if self.cfg.feature_norm == "channel" else 1)
 
         # 4. Per image: similarities, scores, defects, map A, score a
         results: list[AQResult | None] = []
@@ -265,8 +272,13 @@ class AQMap:
             if plan is None:
                 results.append(None)
                 continue
-            idx = torch.tensor([row[t] for t in plan], device=tok.device)
-            sims = tok[i] @ diff[idx].T  # (1+HW, T_i)
+            # One column per distinct text, then gathered: a phrase that is its own noun ("tower")
+            # gets bit-identical a_phs and a_pns (GEMM rounding differs across columns, which would
+            # otherwise decide "adjective unmatched" by float noise).
+            uniq = list(dict.fromkeys(plan))
+            idx = torch.tensor([row[t] for t in uniq], device=tok.device)
+            pos = {t: k for k, t in enumerate(uniq)}
+            sims = (tok[i] @ diff[idx].T)[:, [pos[t] for t in plan]]  # (1+HW, T_i)
             scores = torch.sigmoid(self.cfg.score_scale * sims[0]).tolist()  # (T_i,)
             results.append(self._result(pp, scores, sims[1:], grid, sizes[i]))
         return results
@@ -294,7 +306,9 @@ class AQMap:
         maps = []
         if cols:
             column = patch_sims[:, cols].T  # (k, HW)
-            maps = tokens_to_maps(column, grid, [(h, w)] * len(cols), self.map_resize)
+            # a flat column has no location: it becomes its text's own score (how present it is overall)
+            maps = tokens_to_maps(column, grid, [(h, w)] * len(cols), self.map_resize,
+                                  flat_fill=[scores[c] for c in cols])
         A = combine_maps(maps, self.cfg.combine, (h, w))  # (H, W), high = needs refinement
         cask = float(np.prod([min(s / self.cfg.beta, 1.0) for s in a_phs])) if a_phs else 1.0
         return AQResult(

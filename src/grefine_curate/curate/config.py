@@ -48,12 +48,21 @@ class PQConfig:
             "naturalness": ("Natural photo.", "Unnatural photo."),
         }
     )
-    # alpha of eq. 3 for technical, rationality, naturalness (AGIN average preference values)
-    alphas: tuple[float, float, float] = (0.935, 0.535, 0.661)
+    # alpha of eq. 3 for technical, rationality, naturalness: the reference code's AGIN average
+    # preference values 0.935, 0.6 x 0.892 and 0.8 x 0.826, written out exactly
+    alphas: tuple[float, float, float] = (0.935, 0.5352, 0.6608)
     alpha_mode: str = "per-factor"  # "per-factor" (paper) | "first-alpha" (reference-code bug)
+    cask: bool = True  # p = eq. 3's cask of four factors; False: p = s_overall (reference script without --multi)
     feature_norm: str = "channel"  # "channel" (correct) | "token" (reference-code bug)
+    text_norm: str = "l2"  # "l2": unit text features (CLIP) | "raw": unnormalised (reference code)
+    logit_scale: float = 100.0  # CLIP's trained temperature for the softmax over a pair (reference: 1)
+    # What P is made of before min-max (README "PQ map"): "logit-cask" (default): eq. 3's cask per
+    # patch in log-odds form, which keeps its spatial order where float32 probabilities saturate
+    # to 1.0; "probability-cask": the cask of per-patch probabilities (saturates); "overall-similarity":
+    # the patch tokens' raw similarity to the overall factor's "good" prompt (reference code)
+    map_source: str = "logit-cask"
     map_resize: str = "bicubic"  # "bicubic" (paper) | "bilinear" (reference code)
-    logit_scale: float = 100.0  # CLIP's trained temperature for the softmax over a pair
+    map_orientation: str = "hw"  # "hw": maps at the image's (H, W) | "reference-swap": resized to (W, H) and transposed, as the reference code
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,8 @@ class AQConfig:
     templates: str = "imagenet"  # "imagenet" (CLIP-Surgery's 85 templates) | "single" ("a photo of a {}.")
     a_bound: float = 0.5  # noun unmatched when a_pns < a_bound
     beta: float = 0.5  # phrase cask bound of eq. 8
-    combine: str = "max"  # "max" (reference code) | "product" (paper eq. 6)
+    combine: str = "max"  # "max" (reference code) | "product": our soft-union reading of eq. 6, A = 1 - prod_j (1 - M_j)
+    feature_norm: str = "channel"  # image tokens L2-normalised over "channel" (correct) | "token" (reference-code bug)
     emphasis: float = 1.1  # weight of an unmatched phrase appended to the refinement prompt, "(phrase:1.1)" (eq. 7: +0.1)
     max_phrases: int = 16  # phrases beyond this are ignored (long tag lists)
     text_cache_size: int = 65536  # LRU entries of the shared text-feature cache
@@ -216,10 +226,13 @@ def load_preset(name_or_path: str = "sdxl", overrides: dict[str, Any] | None = N
     data.setdefault("name", Path(name_or_path).stem)
     if overrides:
         data = _merge(data, overrides)
+    where = f"preset {data['name']!r}"
+    if Path(name_or_path).suffix == ".toml" and Path(name_or_path).exists():
+        where += f" ({name_or_path})"  # a user's preset file: name the file to fix
     try:
-        return _build(Preset, data, f"preset {data['name']!r}")
+        return _build(Preset, data, where)
     except TypeError as e:  # a wrong value type that dataclasses rejected
-        raise ConfigError(f"preset {data['name']!r}: {e}") from e
+        raise ConfigError(f"{where}: {e}") from e
 
 
 def load_override_file(path: str | Path) -> dict[str, Any]:
@@ -234,6 +247,14 @@ def load_override_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
 
 
+def _check_keys(data: dict[str, Any], where: str) -> None:
+    """Unknown keys of a partial preset (an override file) raise a ConfigError naming ``where``."""
+    try:
+        _build(Preset, {"name": "override", **data}, where)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
 def resolve_preset(
     name_or_path: str = "sdxl",
     config_file: str | Path | None = None,
@@ -241,6 +262,8 @@ def resolve_preset(
 ) -> Preset:
     """A preset, then a user's ``--config FILE.toml`` over it, then programmatic ``overrides`` last."""
     merged: dict[str, Any] = load_override_file(config_file) if config_file else {}
+    if merged:  # check the file's keys on their own, so that a typo names the file, not the preset
+        _check_keys(merged, f"config file {config_file}")
     if overrides:
         merged = _merge(merged, overrides)
     return load_preset(name_or_path, merged or None)

@@ -1,24 +1,41 @@
 """PQ-Map: the perceptual quality map and score of G-Refine (paper section 3.1, eq. 1-3).
 
 Image side: CLIP-Surgery tokens (``surgery.SurgeryEncoder``), (B, 1+HW, D). Text side: the four
-factor pairs T_p (``prompts``), (4, 2, D). For every token and factor the probability of "good"
-is the softmax over the pair of ``logit_scale * f @ T_p^T`` (equal to the paper's
-``sigmoid(L_raw)`` with ``L_raw = f . (T_p[:,0] - T_p[:,1])``):
+factor pairs T_p (``prompts``), (4, 2, D). For every token f and factor i the paper's raw logit is
+``L_raw = f . (T_p[i, 0] - T_p[i, 1])`` (eq. 3); scaled by ``logit_scale`` it is the logit of the
+softmax over the pair, so ``s = sigmoid(logit_scale * L_raw)`` is the probability of "good":
 
 * factor score s_i: that probability at the CLS token;
 * score p (eq. 3, cask effect): ``p = s_overall * prod_{i=technical,rationality,naturalness}
-  min(s_i / alpha_i, 1)``; a factor below its alpha pulls p down, one above it cannot raise it;
-* map P (eq. 3, ``P = BIC(L_per)``): the same cask applied per patch token to the four "good"
-  probabilities of that token, min-max normalised per image over the patch grid, bicubically
-  resized to the image's own (H, W) (rows of the grid = rows of the image). High = good.
+  min(s_i / alpha_i, 1)``; a factor below its alpha pulls p down, one above it cannot raise it
+  (``cask = false``: p = s_overall, as the reference script without ``--multi``);
+* map P (eq. 3, ``P = BIC(L_per)``), by ``map_source``:
+  - ``"logit-cask"`` (default): the same cask per patch token in log-odds form,
+    ``logit(s_0) + sum_i min(log s_i - log alpha_i, 0)``: the overall factor's logit, lowered by the
+    log of each factor's cask penalty. Like the cask of probabilities it rises with every factor and
+    a factor above its alpha adds nothing; unlike it, it does not saturate: a float32 sigmoid is
+    exactly 1.0 once the logit passes ~17 (a similarity difference of 0.17 at CLIP's temperature
+    100), so a map of probabilities, or of their logs, flattens good regions into a plateau (min-max
+    then blows float noise up to [0, 1]), while the logit keeps their spatial order.
+  - ``"probability-cask"``: the cask of the per-patch probabilities (saturates; kept for comparison).
+  - ``"overall-similarity"``: the patch tokens' raw similarity to the overall factor's "good" prompt
+    alone, as the reference code's PQ-Map.py computes its map.
+  Then min-max per image over the patch grid, resized to the image's own (H, W) (rows of the grid =
+  rows of the image). High = good. A flat map (no spatial evidence) becomes the constant p instead
+  of min-max's division by ~0 (``surgery.tokens_to_maps``).
 
-Where the authors' reference code differs (REFERENCE.md section 1) the correct behaviour is the
-default and the reference one is selectable in ``PQConfig``:
+Where the authors' reference code differs (REFERENCE.md section 1) the paper's or the correct
+behaviour is the default and the reference one is selectable in ``PQConfig`` (the ``reference``
+preset selects them all):
 
 * ``alpha_mode="first-alpha"``: every factor divided by alphas[0] (the reference code's bug);
 * ``feature_norm="token"``: image features L2-normalised over the token axis instead of channels;
-* ``map_resize="bilinear"``: the reference code's resize (the paper says bicubic). The reference
-  code's (W, H) swap that transposes non-square maps is not reproduced.
+* ``text_norm="raw"`` with ``logit_scale=1``: learned prompt features used unnormalised at
+  temperature 1 (the reference code's comment says "with normalization", but none is applied);
+* ``map_source="overall-similarity"``, ``cask=false``: the reference script's map and default p;
+* ``map_resize="bilinear"``: the reference code's resize (the paper says bicubic);
+* ``map_orientation="reference-swap"``: the reference code resizes to (W, H) (PIL's ``size``),
+  which transposes the maps of non-square images. Off in every preset, ``reference`` included.
 
 All images of a batch go through one surgery forward at ``image_size`` (whole image, bicubic, no
 crop), so images of different sizes share a batch; each map comes back at its own size.
@@ -43,14 +60,20 @@ from grefine_curate.curate.surgery import SurgeryEncoder, preprocess_images, tok
 
 ALPHA_MODES = ("per-factor", "first-alpha")
 FEATURE_NORMS = ("channel", "token")
+TEXT_NORMS = ("l2", "raw")
+MAP_SOURCES = ("logit-cask", "probability-cask", "overall-similarity")
 MAP_RESIZES = ("bicubic", "bilinear", "nearest", "area")
+MAP_ORIENTATIONS = ("hw", "reference-swap")
 
 
 def check_pq_config(cfg: PQConfig) -> None:
     """Reject PQ settings that would silently compute something else."""
     for name, value, allowed in (("alpha_mode", cfg.alpha_mode, ALPHA_MODES),
                                  ("feature_norm", cfg.feature_norm, FEATURE_NORMS),
-                                 ("map_resize", cfg.map_resize, MAP_RESIZES)):
+                                 ("text_norm", cfg.text_norm, TEXT_NORMS),
+                                 ("map_source", cfg.map_source, MAP_SOURCES),
+                                 ("map_resize", cfg.map_resize, MAP_RESIZES),
+                                 ("map_orientation", cfg.map_orientation, MAP_ORIENTATIONS)):
         if value not in allowed:
             raise ConfigError(f"pq.{name} = {value!r} is not one of {', '.join(allowed)}")
     if len(cfg.alphas) != len(FACTORS) - 1 or any(not a > 0 for a in cfg.alphas):
@@ -59,6 +82,8 @@ def check_pq_config(cfg: PQConfig) -> None:
         )
     if not cfg.logit_scale > 0:
         raise ConfigError(f"pq.logit_scale must be positive, got {cfg.logit_scale}")
+    if not isinstance(cfg.cask, bool):
+        raise ConfigError(f"pq.cask must be true or false, got {cfg.cask!r}")
 
 
 def normalise_features(tokens: torch.Tensor, mode: str = "channel") -> torch.Tensor:
@@ -70,12 +95,26 @@ def normalise_features(tokens: torch.Tensor, mode: str = "channel") -> torch.Ten
     raise ConfigError(f"feature_norm {mode!r} is not one of {', '.join(FEATURE_NORMS)}")
 
 
+def factor_logits(feats: torch.Tensor, text_features: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """feats (B, T, D), T_p (F, 2, D) -> ``logit_scale * L_raw`` per token and factor (B, T, F).
+
+    ``L_raw = f . (t_good - t_bad)`` (eq. 3); its sigmoid is the softmax over the pair.
+    """
+    diff = (text_features[:, 0] - text_features[:, 1]).to(feats.dtype)  # (F, D)
+    return logit_scale * (feats @ diff.T)  # (B, T, F)
+
+
 def good_probability(feats: torch.Tensor, text_features: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """feats (B, T, D) normalised, T_p (F, 2, D) -> P(good) per token and factor (B, T, F)."""
-    n_factors = text_features.shape[0]
-    logits = logit_scale * feats @ text_features.reshape(n_factors * 2, -1).T  # (B, T, 2F)
-    logits = logits.reshape(*logits.shape[:-1], n_factors, 2)  # (B, T, F, 2) [good, bad]
-    return logits.softmax(dim=-1)[..., 0]  # (B, T, F)
+    """feats (B, T, D), T_p (F, 2, D) -> P(good) per token and factor (B, T, F)."""
+    return torch.sigmoid(factor_logits(feats, text_features, logit_scale))
+
+
+def _alpha_vector(alphas: Sequence[float], mode: str, like: torch.Tensor) -> torch.Tensor:
+    if mode == "per-factor":
+        return torch.as_tensor(list(alphas), dtype=like.dtype, device=like.device)  # (3,)
+    if mode == "first-alpha":
+        return torch.full((len(alphas),), float(alphas[0]), dtype=like.dtype, device=like.device)
+    raise ConfigError(f"alpha_mode {mode!r} is not one of {', '.join(ALPHA_MODES)}")
 
 
 def cask(s: torch.Tensor, alphas: Sequence[float], mode: str = "per-factor") -> torch.Tensor:
@@ -84,14 +123,20 @@ def cask(s: torch.Tensor, alphas: Sequence[float], mode: str = "per-factor") -> 
     ``s_overall * prod_i min(s_i / alpha_i, 1)``; ``mode="first-alpha"`` divides every factor by
     alphas[0] as the reference code does.
     """
-    if mode == "per-factor":
-        a = torch.as_tensor(list(alphas), dtype=s.dtype, device=s.device)  # (3,)
-    elif mode == "first-alpha":
-        a = torch.full((len(alphas),), float(alphas[0]), dtype=s.dtype, device=s.device)
-    else:
-        raise ConfigError(f"alpha_mode {mode!r} is not one of {', '.join(ALPHA_MODES)}")
+    a = _alpha_vector(alphas, mode, s)
     assert s.shape[-1] == 1 + a.shape[0], f"cask needs {1 + a.shape[0]} factor scores, got {s.shape[-1]}"
     return s[..., 0] * torch.clamp(s[..., 1:] / a, max=1.0).prod(dim=-1)
+
+
+def logit_cask(z: torch.Tensor, alphas: Sequence[float], mode: str = "per-factor") -> torch.Tensor:
+    """Eq. 3's cask from logits (..., 4), in log-odds form (the default map quantity, see module doc).
+
+    ``z_0 + sum_i min(log sigmoid(z_i) - log alpha_i, 0)``: logsigmoid is exact where sigmoid
+    would round to 0 or 1, and the overall factor enters as its logit, which never saturates.
+    """
+    a = _alpha_vector(alphas, mode, z)
+    assert z.shape[-1] == 1 + a.shape[0], f"cask needs {1 + a.shape[0]} factor logits, got {z.shape[-1]}"
+    return z[..., 0] + torch.clamp(F.logsigmoid(z[..., 1:]) - a.log(), max=0.0).sum(dim=-1)
 
 
 maps_at_sizes = tokens_to_maps  # grouped resizing lives in surgery.py, shared with AQ-Map
@@ -125,7 +170,8 @@ class PQMap:
             self.prompts = prompts
         else:
             self.prompts = build_pq_prompts(cfg, clip.tokenizer, prompts)
-        self.text_features = pq_text_features(clip.model, self.prompts).to(clip.device)  # (4, 2, D)
+        self.text_features = pq_text_features(  # (4, 2, D)
+            clip.model, self.prompts, normalise=cfg.text_norm == "l2").to(clip.device)
 
     @classmethod
     def from_preset(
@@ -156,10 +202,30 @@ class PQMap:
     # -- scores and maps ----------------------------------------------------------------------
 
     @torch.no_grad()
+    def factor_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Surgery tokens (B, 1+HW, D) -> ``logit_scale * L_raw`` per token and factor (B, 1+HW, 4)."""
+        feats = normalise_features(tokens, self.cfg.feature_norm)  # (B, 1+HW, D)
+        return factor_logits(feats, self.text_features.to(feats.device), self.cfg.logit_scale)
+
+    @torch.no_grad()
     def factor_probabilities(self, tokens: torch.Tensor) -> torch.Tensor:
         """Surgery tokens (B, 1+HW, D) -> P(good) per token and factor (B, 1+HW, 4)."""
-        feats = normalise_features(tokens, self.cfg.feature_norm)  # (B, 1+HW, D)
-        return good_probability(feats, self.text_features.to(feats.device), self.cfg.logit_scale)
+        return torch.sigmoid(self.factor_logits(tokens))
+
+    def _score(self, s: torch.Tensor) -> torch.Tensor:
+        """Factor probabilities (..., 4) -> p (...): eq. 3's cask, or s_overall when ``cask`` is off."""
+        return cask(s, self.cfg.alphas, self.cfg.alpha_mode) if self.cfg.cask else s[..., 0]
+
+    def map_values(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The per-patch quantity P is min-max normalised from (B, HW); see ``map_source``."""
+        cfg = self.cfg
+        if cfg.map_source == "overall-similarity":  # reference: raw similarity to overall's "good" prompt
+            feats = normalise_features(tokens, cfg.feature_norm)[:, 1:]  # (B, HW, D)
+            return feats @ self.text_features[0, 0].to(feats.device, feats.dtype)  # (B, HW)
+        if cfg.map_source == "probability-cask":
+            return self._score(torch.sigmoid(logits[:, 1:]))
+        z = logits[:, 1:]  # (B, HW, 4): logit_scale * L_raw, unbounded both ways
+        return logit_cask(z, cfg.alphas, cfg.alpha_mode) if cfg.cask else z[..., 0]
 
     @torch.no_grad()
     def from_tokens(self, tokens: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[PQResult]:
@@ -168,15 +234,16 @@ class PQMap:
         if tokens.dim() != 3 or tokens.shape[0] != len(sizes):
             raise ValueError(f"tokens must be (B, 1+HW, D) with B = len(sizes) = {len(sizes)}, got {tuple(tokens.shape)}")
         gh, gw = self.encoder.grid if tokens.shape[1] - 1 == int(np.prod(self.encoder.grid)) else _square_grid(tokens.shape[1] - 1)
-        # 2. P(good) per token and factor
-        probs = self.factor_probabilities(tokens)  # (B, 1+HW, 4)
-        s = probs[:, 0]  # (B, 4) factor scores s_i at CLS
-        # 3. Cask (eq. 3) on the CLS scores -> p, and on every patch token -> L_per
-        p = cask(s, self.cfg.alphas, self.cfg.alpha_mode)  # (B,)
-        l_per = cask(probs[:, 1:], self.cfg.alphas, self.cfg.alpha_mode)  # (B, HW)
-        # 4. Maps: min-max per image, resized to each image's own size
-        maps = maps_at_sizes(l_per, (gh, gw), sizes, self.cfg.map_resize)
+        # 2. Logits per token and factor; factor scores s_i at CLS
+        logits = self.factor_logits(tokens)  # (B, 1+HW, 4)
+        s = torch.sigmoid(logits[:, 0])  # (B, 4)
+        # 3. Cask (eq. 3) on the CLS scores -> p
+        p = self._score(s)  # (B,)
         s_list, p_list = s.cpu().tolist(), p.cpu().tolist()
+        # 4. Maps: the per-patch quantity, min-max per image (flat -> p), resized to each image's size
+        values = self.map_values(tokens, logits)  # (B, HW)
+        maps = maps_at_sizes(values, (gh, gw), sizes, self.cfg.map_resize, flat_fill=p_list,
+                             orientation=self.cfg.map_orientation)
         return [
             PQResult(p=float(p_list[i]), factors={f: float(s_list[i][j]) for j, f in enumerate(FACTORS)}, P=maps[i])
             for i in range(len(sizes))

@@ -137,8 +137,8 @@ def _name_lens(tokenizer: Any, class_words: Sequence[str]) -> list[int]:
 
 
 class PQPrompts(Protocol):
-    def features(self, model: nn.Module) -> torch.Tensor:
-        """(F=4, 2, D) L2-normalised text features, [factor, (good, bad)]."""
+    def features(self, model: nn.Module, normalise: bool = True) -> torch.Tensor:
+        """(F=4, 2, D) text features, [factor, (good, bad)]; L2-normalised unless ``normalise=False``."""
 
 
 class ZeroShotPrompts:
@@ -154,11 +154,12 @@ class ZeroShotPrompts:
         self.pairs = {f: (str(pairs[f][0]), str(pairs[f][1])) for f in FACTORS}
         self.tokenizer = tokenizer
 
-    def features(self, model: nn.Module) -> torch.Tensor:
+    def features(self, model: nn.Module, normalise: bool = True) -> torch.Tensor:
         texts = [t for f in FACTORS for t in self.pairs[f]]
         device = next(model.parameters()).device
-        feats = model.encode_text(self.tokenizer(texts).to(device))  # (8, D)
-        return F.normalize(feats.float(), dim=-1).reshape(len(FACTORS), 2, -1)  # (4, 2, D)
+        feats = model.encode_text(self.tokenizer(texts).to(device)).float()  # (8, D)
+        feats = F.normalize(feats, dim=-1) if normalise else feats
+        return feats.reshape(len(FACTORS), 2, -1)  # (4, 2, D)
 
 
 class LearnedPrompts(nn.Module):
@@ -259,13 +260,14 @@ class LearnedPrompts(nn.Module):
             )
         return tower
 
-    def features(self, model: nn.Module) -> torch.Tensor:
-        """(4, 2, D) L2-normalised; differentiable w.r.t. ``self.ctx``."""
+    def features(self, model: nn.Module, normalise: bool = True) -> torch.Tensor:
+        """(4, 2, D), L2-normalised unless ``normalise=False``; differentiable w.r.t. ``self.ctx``."""
         tower = self.check_model(model)
         x = torch.cat([self.embeddings(f) for f in FACTORS]).to(tower.owner.positional_embedding.device)  # (8, L, W)
         eot = torch.tensor(self.eot_index * len(FACTORS))  # (8,)
-        feats = tower.encode_embeddings(x, eot)  # (8, D)
-        return F.normalize(feats.float(), dim=-1).reshape(len(FACTORS), 2, -1)
+        feats = tower.encode_embeddings(x, eot).float()  # (8, D)
+        feats = F.normalize(feats, dim=-1) if normalise else feats
+        return feats.reshape(len(FACTORS), 2, -1)
 
     # -- files --------------------------------------------------------------------------------
 
@@ -387,9 +389,13 @@ def build_pq_prompts(cfg: PQConfig, tokenizer: Any, prompts: str | os.PathLike |
 
 
 @torch.no_grad()
-def pq_text_features(model: nn.Module, prompts: PQPrompts) -> torch.Tensor:
-    """T_p of eq. 2: (4, 2, D) float32, L2-normalised, computed once per model (no gradients)."""
-    return prompts.features(model).float()
+def pq_text_features(model: nn.Module, prompts: PQPrompts, normalise: bool = True) -> torch.Tensor:
+    """T_p of eq. 2: (4, 2, D) float32, computed once per model (no gradients).
+
+    L2-normalised as CLIP compares features; ``normalise=False`` keeps the raw projections, as the
+    reference code's PQ-Map.py does (its comment says "with normalization", but none is applied).
+    """
+    return prompts.features(model, normalise=normalise).float()
 
 
 # ----------------------------------------------------------------------------------------------

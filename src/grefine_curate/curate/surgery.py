@@ -118,11 +118,19 @@ def preprocess_images(
     return ((t - m) / s).to(dtype)
 
 
+# A map whose raw values span less than this carries no spatial information: min-max would blow
+# float noise up to [0, 1] (or, for an exactly constant map, divide by zero). It is the float16
+# noise floor of a CLIP similarity (unit features, |cos| <= 1), well below any real map's range.
+FLAT_RANGE = 1e-4
+
+
 def tokens_to_maps(
     column: torch.Tensor,
     grid: tuple[int, int],
     sizes: Sequence[tuple[int, int]],
     mode: str = "bicubic",
+    flat_fill: Sequence[float] | None = None,
+    orientation: str = "hw",
 ) -> list[np.ndarray]:
     """Per-patch values (B, HW) -> min-max normalised (H, W) float32 maps in [0, 1], one per image.
 
@@ -130,12 +138,23 @@ def tokens_to_maps(
     interpolated to (H, W), so non-square images keep their orientation. Images that share a size
     are resized in one ``interpolate`` call (a curation batch usually has one size; per-image calls
     dominated the map overhead at 512x512).
+
+    A flat map (raw range < ``FLAT_RANGE``) is not min-max normalised: it becomes the constant
+    ``flat_fill[i]`` (the caller passes the image-level score the map refines, so "no spatial
+    evidence" reads as "as good as the score says", never as "all bad"); 0.5 when not given.
+    ``orientation="reference-swap"`` reproduces the reference code's resize to (W, H), transposed
+    back to an (H, W) array as a user of its output does (non-square images get transposed maps).
     """
+    if orientation not in ("hw", "reference-swap"):
+        raise ValueError(f"map orientation {orientation!r} is not one of hw, reference-swap")
     gh, gw = grid
     col = column.float().reshape(column.shape[0], 1, gh, gw)  # (B, 1, gh, gw)
     lo = col.amin(dim=(2, 3), keepdim=True)
     hi = col.amax(dim=(2, 3), keepdim=True)
-    col = (col - lo) / (hi - lo).clamp_min(1e-12)
+    flat = (hi - lo) < FLAT_RANGE  # (B, 1, 1, 1)
+    fill = torch.full_like(lo, 0.5) if flat_fill is None else torch.tensor(
+        [float(v) for v in flat_fill], dtype=col.dtype, device=col.device).reshape(-1, 1, 1, 1)
+    col = torch.where(flat, fill.clamp(0.0, 1.0).expand_as(col), (col - lo) / (hi - lo).clamp_min(1e-12))
     kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
     out: list[np.ndarray | None] = [None] * len(sizes)
     groups: dict[tuple[int, int], list[int]] = {}
@@ -143,8 +162,11 @@ def tokens_to_maps(
         groups.setdefault((int(h), int(w)), []).append(i)
     for (h, w), idx in groups.items():
         sel = col[idx] if len(idx) < col.shape[0] else col
-        m = F.interpolate(sel, size=(h, w), mode=mode, **kwargs).clamp_(0.0, 1.0)  # (n, 1, H, W)
+        target = (h, w) if orientation == "hw" else (w, h)
+        m = F.interpolate(sel, size=target, mode=mode, **kwargs).clamp_(0.0, 1.0)  # (n, 1, H, W)
+        if orientation == "reference-swap":
+            m = m.transpose(2, 3)
         m = m[:, 0].cpu().numpy().astype(np.float32)
         for j, i in enumerate(idx):
-            out[i] = m[j]
+            out[i] = np.ascontiguousarray(m[j])
     return out  # type: ignore[return-value]

@@ -346,14 +346,15 @@ def train_pq(
     steps_per_epoch = math.ceil(len(train_idx) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=max(1, epochs * steps_per_epoch))
     scale, alphas, mode = preset.pq.logit_scale, preset.pq.alphas, preset.pq.alpha_mode
+    unit_text = preset.pq.text_norm == "l2"  # train the prompts as PQ-Map will read them
 
     def scores(idx: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return good_probability(feats[idx.to(feats.device)][:, None], text, scale)[:, 0]  # (b, 4)
 
     def evaluate(epoch: int, train_loss: float) -> EpochStats:
         with torch.no_grad():
-            s = scores(val_idx, prompts.features(clip.model)).cpu()  # (V, 4)
-        p = cask(s, alphas, mode).numpy()
+            s = scores(val_idx, prompts.features(clip.model, normalise=unit_text)).cpu()  # (V, 4)
+        p = (cask(s, alphas, mode) if preset.pq.cask else s[:, 0]).numpy()
         yo = y_overall[val_idx].numpy()
         srcc_p = _corr(p, yo, rank=True)
         sel = p if select == "p" else s[:, 0].numpy()
@@ -381,7 +382,7 @@ def train_pq(
         losses = []
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            s = scores(idx, prompts.features(clip.model))  # (b, 4) with gradients to the contexts
+            s = scores(idx, prompts.features(clip.model, normalise=unit_text))  # (b, 4) with gradients to the contexts
             target = y[idx].to(s.device)  # (b, 4)
             loss = s.new_zeros(())
             for j, f in enumerate(FACTORS):

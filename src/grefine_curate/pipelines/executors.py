@@ -58,13 +58,20 @@ class Progress:
         self.t0 = time.perf_counter()
         self._last_log = self.t0
         self._bars = None
-        if not quiet and self.tty:
+        # The bars are drawn with the first finished work, not here: what prints during start-up (Ray's
+        # notices, model loading) would otherwise tear them.
+        self._want_bars = not quiet and self.tty
+
+    def _start_bars(self) -> None:
+        if self._want_bars and self._bars is None:
             from tqdm.auto import tqdm
 
+            self._want_bars = False
             self._bars = (
-                tqdm(total=total_shards, desc="shards", unit="shard", position=0, file=self.stream, dynamic_ncols=True),
-                tqdm(total=total_items, desc="images", unit="img", position=1, file=self.stream, dynamic_ncols=True,
-                     smoothing=0.1),
+                tqdm(total=self.total_shards, desc="shards", unit="shard", position=0, file=self.stream,
+                     dynamic_ncols=True, initial=self.done_shards),
+                tqdm(total=self.total_items, desc="images", unit="img", position=1, file=self.stream,
+                     dynamic_ncols=True, smoothing=0.1, initial=self.done_items),
             )
 
     def say(self, msg: str, always: bool = False) -> None:
@@ -76,6 +83,7 @@ class Progress:
             print(msg, file=self.stream, flush=True)
 
     def items(self, n: int) -> None:
+        self._start_bars()
         self.done_items += n
         if self._bars is not None:
             self._bars[1].update(n)
@@ -92,6 +100,7 @@ class Progress:
         self._last_log = time.perf_counter()
 
     def shard_done(self, res: ShardResult) -> None:
+        self._start_bars()
         self.done_shards += 1
         if self._bars is not None:
             self._bars[0].update(1)

@@ -38,6 +38,8 @@ from grefine_curate.pipelines.manifest import (
     totals,
     write_manifest,
 )
+from grefine_curate.pipelines.limits import find_shrinks, refuse_shrink, remove_past_limit
+from grefine_curate.pipelines.models import check_weights
 from grefine_curate.pipelines.processor import EngineSpec, ProcessOptions, ShardTask
 from grefine_curate.pipelines.sinks import clean_stale_temporaries
 from grefine_curate.pipelines.sources import STATE_DIR, TMP_MARK, ColumnSpec, discover, fs_uri, join, resolve_fs
@@ -72,6 +74,7 @@ class JobConfig:
     max_error_rate: float = 0.1  # exit code 3 when error rows / rows exceeds this
     quiet: bool = False  # no progress bars or log lines (failures are still printed)
     keep_images: bool = False  # score mode: keep the image bytes (Parquet) / copy images (folders)
+    input_columns: bool = True  # score mode, Parquet input: keep the input's other columns in the output
     image_column: str | None = None  # None: first of image, img, jpg, jpeg, png, webp, image_bytes
     prompt_column: str | None = None  # None: first of prompt, text, caption, txt (none found: PQ only)
     id_column: str | None = None  # None: "<shard relative path>#<row index>"
@@ -115,9 +118,13 @@ class JobSummary:
     def lines(self) -> list[str]:
         """A short human-readable report (the CLI prints it)."""
         routes = ", ".join(f"{k} {v}" for k, v in sorted(self.routes.items())) or "-"
+        complete = self.shards_run + self.shards_skipped
+        unfinished = self.shards_total - complete - len(self.shards_failed)
         out = [
-            f"{self.state}: {self.rows} rows in {self.shards_total} shards under {self.out} "
-            f"({self.shards_run} run now, {self.shards_skipped} already complete, {len(self.shards_failed)} failed)",
+            f"{self.state}: {self.rows} rows in "
+            f"{self.shards_total if complete == self.shards_total else f'{complete} of {self.shards_total}'} shards "
+            f"under {self.out} ({self.shards_run} run now, {self.shards_skipped} already complete, "
+            f"{len(self.shards_failed)} failed{f', {unfinished} unfinished' if unfinished > 0 else ''})",
             f"status: ok {self.status.get('ok', 0)}, error {self.status.get('error', 0)} "
             f"(error rate {self.error_rate:.1%})" + (f"; routes: {routes}" if self.mode == "refine" else ""),
             f"this run: {self.rows_this_run} rows ({self.units_run} work units) in {self.wall_s:.1f}s ({self.items_per_s:.1f} img/s after "
@@ -192,15 +199,19 @@ def run_job(cfg: JobConfig) -> JobSummary:
         names = ", ".join(s.path for s in shards[:3]) + (", ..." if len(shards) > 3 else "")
         raise InputError(f"the input has no rows ({len(shards)} shard(s) found, all empty: {names}): nothing to do")
     caps = _row_caps([s.num_rows for s in shards], cfg.limit)
+    out_fs, out_root = resolve_fs(cfg.out)
+    shrinks = find_shrinks(out_fs, out_root, shards, caps)  # a smaller --limit than OUT's finished rows
     keep = [i for i, (s, c) in enumerate(zip(shards, caps)) if c is None or c > 0]
     shards, caps = [shards[i] for i in keep], [caps[i] for i in keep]
     # 4. Compare with OUT's manifest
-    out_fs, out_root = resolve_fs(cfg.out)
     draft = preset.clip.image_size if (cfg.mode == "score" and cfg.draft_decode) else None
     rcfg = result_config(preset, cfg.mode, cfg.save_maps, cfg.keep_images, image_format,
                          {"image": cfg.image_column, "prompt": cfg.prompt_column, "id": cfg.id_column}, draft)
+    rcfg["input_columns"] = cfg.input_columns
     fingerprint = config_hash(rcfg)
-    check_config(out_fs, out_root, rcfg, cfg.force)
+    check_config(out_fs, out_root, rcfg, cfg.force or not cfg.resume)  # --no-resume rewrites every row
+    if shrinks and not cfg.force:
+        refuse_shrink(shrinks, cfg.limit, out_root)
     try:
         out_fs.create_dir(out_root, recursive=True)
         write_probe = join(out_root, f"{STATE_DIR}/.write-probe{TMP_MARK}")
@@ -229,6 +240,9 @@ def run_job(cfg: JobConfig) -> JobSummary:
     tasks.sort(key=lambda t: -t.rows)  # largest first (stable: input order among equals)
     skipped = sum(st.complete for st in states)
     adopted = sum(st.adopted for st in states)
+    if tasks:  # seconds, before Ray or any model starts (a complete OUT reruns without weights)
+        check_weights(preset, cfg.mode, cfg.models_dir)
+    limit_note = remove_past_limit(out_fs, out_root, shrinks, cfg.limit) if shrinks else None  # --force only
     base = {
         "state": "running",
         "config_hash": fingerprint,
@@ -245,7 +259,8 @@ def run_job(cfg: JobConfig) -> JobSummary:
     write_manifest(out_fs, out_root, base)
     # 7. Run
     opts = ProcessOptions(mode=cfg.mode, batch_size=cfg.batch_size, save_maps=cfg.save_maps,
-                          keep_images=cfg.keep_images, image_format=image_format, max_pixels=preset.max_pixels,
+                          keep_images=cfg.keep_images, input_columns=cfg.input_columns, image_format=image_format,
+                          max_pixels=preset.max_pixels,
                           draft_size=draft, decode_threads=cfg.decode_threads, seed=preset.seed,
                           fingerprint=fingerprint)
     spec = EngineSpec(preset=preset, mode=cfg.mode, models_dir=cfg.models_dir)
@@ -272,6 +287,10 @@ def run_job(cfg: JobConfig) -> JobSummary:
         report.results[:0] = early
     except KeyboardInterrupt:
         report.interrupted = True
+    except BaseException as e:  # a failed start (models, cluster): the manifest must not say "running"
+        write_manifest(out_fs, out_root, {**base, "state": "failed", "exit_code": exit_code_for(e),
+                                          "error": f"{type(e).__name__}: {e}"})
+        raise
     finally:
         progress.close()
     # 8. Manifest and summary (counts over every complete shard, this run's and earlier ones)
@@ -282,7 +301,13 @@ def run_job(cfg: JobConfig) -> JobSummary:
     errors = tot["status"].get("error", 0)
     error_rate = errors / rows if rows else 0.0
     wall = time.perf_counter() - t0
-    rows_run = report.rows
+    # This run's shards from the markers, not from what the driver heard: after Ctrl-C a Ray worker
+    # may have finished a shard (output and marker on disk, complete) whose result never arrived.
+    # Rows are those the units of this run processed, plus such unheard whole shards.
+    before = {st.shard.rel for st in states if st.complete}
+    done_now = [st for st in after if st.complete and st.shard.rel not in before]
+    heard = {r.rel for r in report.results}
+    rows_run = report.rows + sum(int(st.marker.get("rows", 0)) for st in done_now if st.shard.rel not in heard)
     busy = max(wall - report.startup_s, 1e-9)
     if report.interrupted:
         state, code = "interrupted", EXIT_INTERRUPTED
@@ -292,13 +317,13 @@ def run_job(cfg: JobConfig) -> JobSummary:
         state, code = "error-rate", EXIT_ERROR_RATE
     else:
         state, code = "done", EXIT_OK
-    notes = []
+    notes = [limit_note] if limit_note else []
     if code == EXIT_ERROR_RATE:
         notes.append(f"error rate {error_rate:.1%} is above --max-error-rate {cfg.max_error_rate:.1%}; "
                      f"the messages are in the {'grefine_error'} column")
     summary = JobSummary(
         out=out_root, mode=cfg.mode, state=state, exit_code=code, config_hash=fingerprint,
-        shards_total=len(shards), shards_run=len(report.results), shards_skipped=skipped,
+        shards_total=len(shards), shards_run=len(done_now), shards_skipped=skipped,
         shards_failed=report.failures, rows=rows, status=tot["status"], routes=tot["routes"],
         error_rate=error_rate, rows_this_run=rows_run, wall_s=wall, startup_s=report.startup_s,
         items_per_s=rows_run / busy, retries=report.retries, manifest=manifest_path(out_root),
@@ -313,7 +338,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
                    "shards_complete": len(markers), "shards_total": len(shards)},
         "failures": [{"shard": r, "error": m} for r, m in report.failures],
         "run": {"wall_s": round(wall, 3), "startup_s": round(report.startup_s, 3), "rows": rows_run,
-                "items_per_s": round(rows_run / busy, 3), "shards_run": len(report.results),
+                "items_per_s": round(rows_run / busy, 3), "shards_run": len(done_now),
                 "shards_skipped": skipped, "retries": report.retries, "workers": report.workers,
                 "executor": cfg.executor, "unit_rows": unit_rows, "units_run": report.units,
                 "units_total": units_total, "adopted": adopted},

@@ -85,6 +85,7 @@ def iter_labelled(
     image_column: str | None = None,
     prompt_column: str | None = None,
     batch_rows: int = 256,
+    option: str = "--mos-column / --align-mos-column",
 ) -> LabelledItems:
     """The items of ``inputs`` with the values of the MOS ``columns``, every column checked up front.
 
@@ -99,7 +100,7 @@ def iter_labelled(
         if s.kind == "parquet":
             with s.fs.open_input_file(s.path) as f:
                 schema = pq.ParquetFile(f).schema_arrow
-            _check_parquet_columns(s, schema, columns)
+            _check_parquet_columns(s, schema, columns, option)
         elif s.path not in folder_meta:
             folder_meta[s.path] = _folder_metadata(s, columns)
     return LabelledItems(shards, columns, batch_rows, folder_meta)
@@ -117,21 +118,22 @@ def load_training_samples(
     ones and those without an overall MOS. Column errors are raised here, before anything is read.
     """
     cols = list(mos_columns.values()) if isinstance(mos_columns, Mapping) else list(mos_columns)
-    return iter_labelled(data, cols, image_column=image_column)
+    return iter_labelled(data, cols, image_column=image_column, option="--mos FACTOR=COLUMN")
 
 
 # ---------------------------------------------------------------------------------------------
 # Parquet
 
 
-def _check_parquet_columns(shard: Shard, schema: pa.Schema, wanted: list[str]) -> None:
+def _check_parquet_columns(shard: Shard, schema: pa.Schema, wanted: list[str], option: str) -> None:
+    """Every MOS column present and numeric; ``option`` is the caller's option that names them."""
     names = schema.names
     found = ", ".join(f"{n} ({schema.field(n).type})" for n in names)
     for col in wanted:
         if col not in names:
             raise InputError(
                 f"{shard.path}: no MOS column {col!r}; columns found: {found}. "
-                "Pass --mos-column / --align-mos-column with one of them."
+                f"Pass {option} with one of them."
             )
         t = schema.field(col).type
         if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)):

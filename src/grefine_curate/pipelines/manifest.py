@@ -77,7 +77,8 @@ def check_config(fs: pafs.FileSystem, out_root: str, cfg: dict[str, Any], force:
         return None
     old_hash = old.get("config_hash")
     new_hash = config_hash(cfg)
-    if old_hash and old_hash != new_hash and not force:
+    # A run that wrote no output (a failed start: missing weights, a wrong preset) locks nothing.
+    if old_hash and old_hash != new_hash and not force and has_results(fs, out_root):
         changes = config_changes(old.get("result_config", {}), cfg)
         raise ConfigError(
             f"{out_root} holds results of another config (hash {old_hash}, this run {new_hash}; changed: "
@@ -85,6 +86,15 @@ def check_config(fs: pafs.FileSystem, out_root: str, cfg: dict[str, Any], force:
             "or choose another --out."
         )
     return old
+
+
+def has_results(fs: pafs.FileSystem, out_root: str) -> bool:
+    """Whether OUT holds any completed shard (a completion marker) of an earlier run."""
+    sel = pafs.FileSelector(join(out_root, f"{STATE_DIR}/shards"), recursive=True, allow_not_found=True)
+    try:
+        return any(i.type == pafs.FileType.File and i.path.endswith(".json") for i in fs.get_file_info(sel))
+    except (OSError, FileNotFoundError):
+        return False
 
 
 def package_versions() -> dict[str, str | None]:

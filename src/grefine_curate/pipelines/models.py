@@ -23,7 +23,7 @@ from grefine_curate.curate.config import Preset, available_presets, load_preset
 from grefine_curate.curate.diffusion_models import (_WEIGHT_FOLDERS, RepoNeed, hf_cache_location, hub_offline,
                                                     weight_manifest)
 from grefine_curate.curate.errors import ModelUnavailableError
-from grefine_curate.curate.hub import hub_reachable
+from grefine_curate.curate.hub import downloads_allowed, hub_reachable
 
 CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
@@ -179,6 +179,38 @@ def list_models(models_dir: str | os.PathLike | None = None) -> list[dict[str, s
             rows.append({"preset": name, "component": need.component, "model": need.repo,
                          "present": _repo_present(need, cache_dir)})
     return rows
+
+
+def check_weights(preset: Preset, mode: str, models_dir: str | os.PathLike | None = None) -> None:
+    """Fail in seconds, before any executor or model starts, when the weights a job needs are missing.
+
+    Reads only the local cache. When downloads are possible nothing is refused (the workers fetch what
+    is missing); otherwise a missing CLIP (any mode) or diffusion repository (refine mode) raises the
+    ``ModelUnavailableError`` that loading would raise, naming the model, where it looked and how to
+    provide it.
+    """
+    from grefine_curate.curate.clip_models import _fetch_pretrained
+    from grefine_curate.curate.diffusion_models import _how_to_provide
+
+    if downloads_allowed():
+        return
+    cache_dir = str(models_dir) if models_dir else None
+    c = preset.clip
+    if c.model != "tiny":
+        if c.checkpoint:
+            if not Path(c.checkpoint).expanduser().exists():
+                raise ModelUnavailableError(f"CLIP checkpoint file not found: {c.checkpoint} (clip.checkpoint)")
+        elif c.pretrained:
+            _fetch_pretrained(c.model, c.pretrained, cache_dir)  # cache only here; raises the full message
+    if mode != "refine":
+        return
+    for need in weight_manifest(preset.refiner):
+        present = _repo_present(need, cache_dir)
+        if present != "yes":
+            raise ModelUnavailableError(
+                f"weights of the {need.component} model {need.repo!r} are not available ({present}). "
+                f"{_how_to_provide(preset.refiner.kind, hf_cache_location(models_dir))}"
+            )
 
 
 def cache_location(models_dir: str | os.PathLike | None = None) -> str:

@@ -57,6 +57,7 @@ class ProcessOptions:
     batch_size: int = 8  # images per model call
     save_maps: bool = False  # store P and A as 64x64 8-bit PNG in pq_map / aq_map
     keep_images: bool = False  # score mode: keep the image bytes in the output
+    input_columns: bool = True  # score mode, Parquet input: keep the input's other columns (joins, licences)
     image_format: str = "PNG"  # encoding of refined images in Parquet outputs ("PNG" | "JPEG" | "WEBP")
     max_pixels: int = 8192 * 8192  # images above this are error rows, refused before decoding
     draft_size: int | None = None  # score mode: JPEGs decoded DCT-scaled to at least this side (faster)
@@ -307,6 +308,9 @@ def _run_isolated(fn, items: list[Item], stage: str, call) -> None:
 
 def run_models(items: list[Item], engine: Engine, opts: ProcessOptions) -> None:
     """Steps 3-4 for a decoded batch: scores (and routes, seeds, refinement in refine mode), in place."""
+    if opts.mode == "refine":
+        for it in items:  # every row gets its seed, error rows included: an int64 column without nulls
+            it.seed = engine.item_seed(it.item_id)  # (pandas would read nulls as float64 and round it)
     good = [it for it in items if it.error is None]
 
     def set_score(it: Item, r: ScoreResult) -> None:
@@ -320,7 +324,6 @@ def run_models(items: list[Item], engine: Engine, opts: ProcessOptions) -> None:
         if it.error is not None or it.score is None:
             continue
         try:
-            it.seed = engine.item_seed(it.item_id)
             it.route = engine.route(it.score.p, it.score.a)
         except Exception as e:  # noqa: BLE001
             it.error = _error_text(it.item_id, "routing", e)
@@ -394,7 +397,7 @@ def _score_columns(items: Sequence[Item], opts: ProcessOptions, refine: bool) ->
         pa.list_(pa.string()),
     )
     if refine:
-        cols[C.SEED] = pa.array([it.seed if k else None for it, k in zip(items, ok)], pa.int64())
+        cols[C.SEED] = pa.array([it.seed for it in items], pa.int64())
     if opts.save_maps:
         cols[C.PQ_MAP] = pa.array([it.pq_png if k else None for it, k in zip(items, ok)], pa.binary())
         cols[C.AQ_MAP] = pa.array([it.aq_png if k else None for it, k in zip(items, ok)], pa.binary())
@@ -423,16 +426,19 @@ def output_schema(shard: Shard, input_schema: pa.Schema | None, opts: ProcessOpt
     if shard.kind == "parquet" and refine:
         names = {f.name for f in added}
         kept = [f for f in input_schema if f.name not in names]  # a re-run over our own output replaces them
-        return pa.schema(kept + added, metadata=_hf_metadata(input_schema.metadata, added))
+        return pa.schema(kept + added, metadata=_hf_metadata(input_schema.metadata, kept + added, names))
     if shard.kind == "tar":  # the sidecar: one row per sample, by key (img2dataset's column name)
         return pa.schema([pa.field(C.KEY, pa.string()), pa.field(C.PROMPT, pa.string())] + added)
     head = [pa.field(C.ID, pa.string())]
     if shard.kind == "folder":
         head.append(pa.field(C.SOURCE, pa.string()))
     head.append(pa.field(C.PROMPT, pa.string()))
-    if shard.kind == "parquet" and opts.keep_images:
-        head.append(input_schema.field(shard.image_column))
-    return pa.schema(head + added)
+    if shard.kind != "parquet":
+        return pa.schema(head + added)
+    taken = {f.name for f in head + added}
+    head += [f for f in input_schema if f.name not in taken and (
+        f.name == shard.image_column and opts.keep_images or f.name != shard.image_column and opts.input_columns)]
+    return pa.schema(head + added, metadata=_hf_metadata(input_schema.metadata, head + added, taken))
 
 
 def _hf_feature(t: pa.DataType) -> dict[str, Any]:
@@ -442,17 +448,27 @@ def _hf_feature(t: pa.DataType) -> dict[str, Any]:
     return {"dtype": dtype, "_type": "Value"}
 
 
-def _hf_metadata(meta: dict[bytes, bytes] | None, added: list[pa.Field]) -> dict[bytes, bytes] | None:
-    """Hugging Face datasets store their features in the schema metadata and refuse a table whose
-    columns differ from them: declare the added columns there too (unknown layouts are left alone)."""
+def _hf_metadata(meta: dict[bytes, bytes] | None, fields: list[pa.Field], ours: set[str]) -> dict[bytes, bytes] | None:
+    """The input's schema metadata for an output with these ``fields``, of which ``ours`` are added by us.
+
+    Hugging Face datasets store their features there (an ``Image`` is only an image through them)
+    and refuse a table whose columns differ from them: the input's features are kept for the columns
+    the output keeps, our added columns are declared, dropped ones removed (unknown layouts are left
+    alone). Input columns the input's features did not declare stay undeclared, as in the input.
+    """
     if not meta or b"huggingface" not in meta:
         return meta
     try:
         info = json.loads(meta[b"huggingface"])
         feats = info["info"]["features"]
-        for f in added:
-            feats[f.name] = _hf_feature(f.type)
-    except (ValueError, KeyError, TypeError):
+        new = {}
+        for f in fields:
+            if f.name in feats and f.name not in ours:
+                new[f.name] = feats[f.name]
+            elif f.name in ours:
+                new[f.name] = _hf_feature(f.type)
+        info["info"]["features"] = new
+    except (ValueError, KeyError, TypeError, AttributeError):
         return meta
     return {**meta, b"huggingface": json.dumps(info).encode()}
 
@@ -738,10 +754,10 @@ def _output_batch(task: ShardTask, raw_batch: pa.RecordBatch | None, items: list
         if refine or opts.keep_images:
             _write_folder_images(task, items, opts)
     head[C.PROMPT] = pa.array([it.prompt for it in items], pa.string())
-    if shard.kind == "parquet" and opts.keep_images:
-        head[shard.image_column] = raw_batch.column(shard.image_column)
     merged = {**head, **cols}
-    return pa.RecordBatch.from_arrays([merged[f.name] for f in schema], schema=schema)
+    # Parquet input: the input columns the schema keeps (the image with --keep-images)
+    return pa.RecordBatch.from_arrays([merged[f.name] if f.name in merged else raw_batch.column(f.name)
+                                       for f in schema], schema=schema)
 
 
 def _write_folder_images(task: ShardTask, items: list[Item], opts: ProcessOptions) -> None:

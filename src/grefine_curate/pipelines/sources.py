@@ -32,6 +32,7 @@ from grefine_curate.curate.errors import InputError
 
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes")
 PROMPT_COLUMN_CANDIDATES = ("prompt", "text", "caption", "txt")
+ID_COLUMN_CANDIDATES = ("id", "key", "uid")  # picked automatically when of string or integer type
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class ColumnSpec:
 
     image: str | None = None  # None: first of IMAGE_COLUMN_CANDIDATES present
     prompt: str | None = None  # None: first of PROMPT_COLUMN_CANDIDATES present, else PQ only
-    id: str | None = None  # None: "<shard relative path>#<row index>"
+    id: str | None = None  # None: first of ID_COLUMN_CANDIDATES present, else "<shard relative path>#<row index>"
 
 
 @dataclass
@@ -251,6 +252,10 @@ def _parquet_shard(fs: pafs.FileSystem, info: pafs.FileInfo, rel: str, columns: 
         if not (pa.types.is_string(ptype) or pa.types.is_large_string(ptype) or pa.types.is_null(ptype)):
             raise InputError(f"{info.path}: prompt column {prompt_col!r} has type {ptype}; expected string.")
     id_col = pick(columns.id, (), "id", "--id-column")
+    if id_col is None:  # an id column found by name is used only when it holds plain values
+        id_col = next((c for c in ID_COLUMN_CANDIDATES if c in names and (
+            pa.types.is_string(schema.field(c).type) or pa.types.is_large_string(schema.field(c).type)
+            or pa.types.is_integer(schema.field(c).type))), None)
     source_key = f"{info.size}:{info.mtime_ns}"
     return Shard(kind="parquet", fs=fs, path=info.path, rel=rel, num_rows=num_rows, source_key=source_key,
                  image_column=image_col, image_is_struct=is_struct, prompt_column=prompt_col, id_column=id_col,
@@ -408,6 +413,13 @@ def discover(inputs: list[str], columns: ColumnSpec = ColumnSpec(), out: str | N
     shards: list[Shard] = []
     for uri in inputs:
         fs, path = resolve_fs(uri)
+        base = path.split("*")[0].split("?")[0].split("[")[0].rstrip("/") or "/"
+        if out_path and _inside(base, out_path):  # outputs are never read back: nothing would be found
+            raise InputError(
+                f"{uri}: this input is {'the --out folder itself' if base == out_path else 'inside --out ' + out_path}; "
+                "a job never reads its own output folder as input. Choose an --out outside the input, "
+                f"e.g. {base.rstrip('/')}-curated"
+            )
         found = _discover_one(fs, path, uri, columns, out_path, folder_shard_size)
         if not found:
             raise InputError(
