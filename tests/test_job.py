@@ -451,8 +451,8 @@ def test_interrupted_summary_agrees_with_the_shards_on_disk(tmp_path, monkeypatc
     write_dataset(str(tmp_path / "in"), shards=3, rows=2)
     real = executors.run_local
 
-    def interrupted(tasks, spec, opts, progress):
-        rep = real(tasks[:2], spec, opts, progress)  # two shards finish on disk ...
+    def interrupted(tasks, spec, opts, progress, **kw):
+        rep = real(tasks[:2], spec, opts, progress, **kw)  # two shards finish on disk ...
         rep.results, rep.interrupted = rep.results[:1], True  # ... the driver saw one when Ctrl-C came
         return rep
 

@@ -132,6 +132,7 @@ class ExecReport:
     workers: int = 1
     units: int = 0  # work units completed by this run (a shard of several units counts once in results)
     rows: int = 0  # rows those units processed
+    rows_by_shard: dict[str, int] = field(default_factory=dict)  # ... per shard (rel)
 
 
 Finish = Callable[[ShardResult], "ShardResult | None"]
@@ -141,6 +142,7 @@ def _landed(report: ExecReport, progress: Progress, finish: Finish | None, res: 
     """A unit finished: hand it to the ledger (which assembles its shard after the last unit)."""
     report.units += 1
     report.rows += res.rows
+    report.rows_by_shard[res.rel] = report.rows_by_shard.get(res.rel, 0) + res.rows
     shard_res = finish(res) if finish is not None else res
     if shard_res is not None:
         report.results.append(shard_res)

@@ -303,11 +303,14 @@ def run_job(cfg: JobConfig) -> JobSummary:
     wall = time.perf_counter() - t0
     # This run's shards from the markers, not from what the driver heard: after Ctrl-C a Ray worker
     # may have finished a shard (output and marker on disk, complete) whose result never arrived.
-    # Rows are those the units of this run processed, plus such unheard whole shards.
+    # Rows are those the units of this run processed, plus such unheard shards (a shard assembled from
+    # units all committed by an earlier run adds none).
     before = {st.shard.rel for st in states if st.complete}
     done_now = [st for st in after if st.complete and st.shard.rel not in before]
-    heard = {r.rel for r in report.results}
-    rows_run = report.rows + sum(int(st.marker.get("rows", 0)) for st in done_now if st.shard.rel not in heard)
+    assembled_only = {r.rel for r in early}
+    rows_run = sum(report.rows_by_shard.values()) + sum(
+        int(st.marker.get("rows", 0)) for st in done_now
+        if st.shard.rel not in report.rows_by_shard and st.shard.rel not in assembled_only)
     busy = max(wall - report.startup_s, 1e-9)
     if report.interrupted:
         state, code = "interrupted", EXIT_INTERRUPTED
