@@ -163,3 +163,33 @@ def test_unit_rows_is_not_part_of_the_config_fingerprint(tmp_path):
     b = run_job(_cfg(tmp_path / "s.parquet", tmp_path / "out", unit_rows=4))  # no ConfigError, resumes
     assert a.config_hash == b.config_hash and b.exit_code == 0 and b.rows == 6
     assert discover([str(tmp_path / "s.parquet")])[0].row_groups == (2, 2, 2)
+
+
+def test_units_of_all_files_are_scheduled_largest_first(tmp_path, monkeypatch):
+    from grefine_curate.pipelines import job as job_module
+    from grefine_curate.pipelines.executors import ExecReport
+
+    _big_shard(tmp_path / "in" / "a-small.parquet", n=6, group=3)
+    _big_shard(tmp_path / "in" / "b-big.parquet", n=20, group=5)
+    seen = []
+
+    def capture(tasks, spec, opts, progress, **kw):
+        seen.extend((t.shard.rel, t.start, t.rows) for t in tasks)
+        return ExecReport()
+
+    monkeypatch.setattr(job_module, "run_local", capture)
+    monkeypatch.setattr(job_module, "check_weights", lambda *a: None)
+    run_job(_cfg(tmp_path / "in", tmp_path / "out", unit_rows=10))
+    assert seen == [("b-big.parquet", 0, 10), ("b-big.parquet", 10, 10), ("a-small.parquet", 0, 6)]
+
+
+@pytest.mark.parametrize("bad", [{"unit_rows": 0}, {"threads_per_worker": 0}])
+def test_unit_options_are_checked_before_any_work(tmp_path, bad):
+    from grefine_curate.curate.errors import ConfigError
+    from grefine_curate.pipelines.job import exit_code_for
+
+    _big_shard(tmp_path / "in" / "a.parquet", n=4, group=2)
+    with pytest.raises(ConfigError) as e:
+        run_job(_cfg(tmp_path / "in", tmp_path / "out", **bad))
+    assert exit_code_for(e.value) == 2 and list(bad)[0].replace("_", " ") in str(e.value)
+    assert not (tmp_path / "out").exists()
