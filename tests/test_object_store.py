@@ -162,3 +162,24 @@ def test_kill_9_and_resume_on_s3_gives_every_row_once(bucket, tmp_path):
     assert side.column(C.KEY).to_pylist() == [f"{i:09d}" for i in range(6)]
     assert not [k for k in _keys(fs, f"{name}/out") if TMP_MARK in k or "/units/" in k]
 
+
+
+@pytest.mark.ray
+def test_ray_actors_read_and_write_s3(bucket, tmp_path, ray_session):
+    """The actors get the job's filesystem and write their units' parts to S3. Credentials given in the URI
+    travel with it (the session's Ray workers started before this module's environment, like cluster
+    workers without credentials of their own); the manifest records the URIs with them masked."""
+    name, fs, _ = bucket
+    write_shard(str(tmp_path / "a.parquet"), 8)
+    pq.write_table(pq.read_table(tmp_path / "a.parquet"), tmp_path / "a.parquet", row_group_size=4)
+    _upload(fs, str(tmp_path / "a.parquet"), f"{name}/in/a.parquet")
+    s = run_job(JobConfig(inputs=[f"s3://testing:testing@{name}/in"], out=f"s3://testing:testing@{name}/out",
+                          preset="tiny", mode="score",
+                          executor="ray", workers=2, batch_size=4, quiet=True, unit_rows=4))
+    assert s.exit_code == 0 and s.units_run == 2 and s.rows == 8, s.lines()
+    a = _read_parquet(fs, f"{name}/out/a.parquet")
+    assert a.column("row_key").to_pylist() == list(range(8))
+    assert not [k for k in _keys(fs, f"{name}/out") if TMP_MARK in k or "/units/" in k]
+    with fs.open_input_stream(f"{name}/out/_grefine/manifest.json") as f:
+        manifest = f.read().decode()
+    assert "testing:testing" not in manifest and f"s3://***@{name}/in" in manifest

@@ -18,6 +18,7 @@ Steps: 1. check options  2. resolve the preset  3. find and check every input sh
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -251,7 +252,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
         "models": model_ids(preset, cfg.mode),
         "packages": package_versions(),
         "result_config": rcfg,
-        "job": dataclasses.asdict(cfg),
+        "job": _without_secrets(dataclasses.asdict(cfg)),
         "inputs": [{"shard": s.rel, "output": s.record_rel, "input": fs_uri(s.fs, s.path), "rows": s.num_rows,
                     "row_cap": c}
                    for s, c in zip(shards, caps)],
@@ -349,6 +350,14 @@ def run_job(cfg: JobConfig) -> JobSummary:
     # 9. The HTML report: local outputs only (it embeds images read back from OUT); it never fails the job
     summary.notes.append(_write_report(out_fs, out_root))
     return summary
+
+
+def _without_secrets(job: dict[str, Any]) -> dict[str, Any]:
+    """The job options as the manifest records them: credentials in URIs (s3://KEY:SECRET@bucket/...) masked."""
+    def scrub(uri: Any) -> Any:
+        return re.sub(r"^([a-z0-9+.-]+://)[^/@]+@", r"\1***@", uri) if isinstance(uri, str) else uri
+
+    return {**job, "inputs": [scrub(u) for u in job.get("inputs", [])], "out": scrub(job.get("out"))}
 
 
 def _write_report(out_fs: Any, out_root: str) -> str:
