@@ -193,3 +193,24 @@ def test_unit_options_are_checked_before_any_work(tmp_path, bad):
         run_job(_cfg(tmp_path / "in", tmp_path / "out", **bad))
     assert exit_code_for(e.value) == 2 and list(bad)[0].replace("_", " ") in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_that_cannot_be_assembled_fails_alone_and_keeps_its_parts(tmp_path, monkeypatch):
+    _big_shard(tmp_path / "in" / "a.parquet", n=8, group=4)
+    _big_shard(tmp_path / "in" / "b.parquet", n=8, group=4)
+    real = U.UnitLedger._assemble
+
+    def flaky(self, book):
+        if book.shard.rel == "a.parquet":
+            raise OSError("the store refused the write")
+        return real(self, book)
+
+    monkeypatch.setattr(U.UnitLedger, "_assemble", flaky)
+    s = run_job(_cfg(tmp_path / "in", tmp_path / "out", unit_rows=4))
+    assert s.exit_code == 1 and s.shards_run == 1, s.lines()
+    assert s.shards_failed == [("a.parquet", "assembling the output from its units failed: OSError: the store "
+                                             "refused the write")]
+    assert (tmp_path / "out" / "b.parquet").exists() and not (tmp_path / "out" / "a.parquet").exists()
+    monkeypatch.undo()
+    again = run_job(_cfg(tmp_path / "in", tmp_path / "out", unit_rows=4))
+    assert again.exit_code == 0 and again.units_run == 0 and again.shards_run == 1  # assembled from its parts

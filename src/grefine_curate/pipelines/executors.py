@@ -135,7 +135,7 @@ class ExecReport:
     rows_by_shard: dict[str, int] = field(default_factory=dict)  # ... per shard (rel)
 
 
-Finish = Callable[[ShardResult], "ShardResult | None"]
+Finish = Callable[[ShardResult], "list[ShardResult]"]
 
 
 def _landed(report: ExecReport, progress: Progress, finish: Finish | None, res: ShardResult) -> None:
@@ -143,8 +143,7 @@ def _landed(report: ExecReport, progress: Progress, finish: Finish | None, res: 
     report.units += 1
     report.rows += res.rows
     report.rows_by_shard[res.rel] = report.rows_by_shard.get(res.rel, 0) + res.rows
-    shard_res = finish(res) if finish is not None else res
-    if shard_res is not None:
+    for shard_res in finish(res) if finish is not None else [res]:
         report.results.append(shard_res)
         progress.shard_done(shard_res)
 

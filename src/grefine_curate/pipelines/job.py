@@ -286,6 +286,13 @@ def run_job(cfg: JobConfig) -> JobSummary:
                              gpus_per_worker=cfg.gpus_per_worker, max_attempts=cfg.max_attempts,
                              finish=ledger.finish, threads_per_worker=cfg.threads_per_worker)
         report.results[:0] = early
+        assembled, failed = ledger.drain()  # files whose last unit landed, assembled on a driver thread
+        for res in assembled:
+            report.results.append(res)
+            progress.shard_done(res)
+        for rel, msg in failed:
+            report.failures.append((rel, msg))
+            progress.say(f"shard failed: {rel}: {msg}", always=True)
     except KeyboardInterrupt:
         report.interrupted = True
     except BaseException as e:  # a failed start (models, cluster): the manifest must not say "running"

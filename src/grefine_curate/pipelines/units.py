@@ -22,6 +22,7 @@ import json
 import posixpath
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +98,10 @@ class UnitLedger:
     def __init__(self, out_fs: pafs.FileSystem, out_root: str, fingerprint: str):
         self.fs, self.root, self.fingerprint = out_fs, out_root, fingerprint
         self.books: dict[str, _Book] = {}
+        # Assembly runs on a driver thread: copying a big file's parts (GBs of refined images on an
+        # object store) must not hold up handing the next units to the workers.
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[tuple[str, Future]] = []
 
     def plan(self, shard: Shard, row_cap: int | None, unit_rows: int, resume: bool) -> list[ShardTask]:
         """The tasks still to run for an incomplete shard; parts committed by an earlier run are kept."""
@@ -124,15 +129,36 @@ class UnitLedger:
         """Shards whose every unit was committed by an earlier run (killed before assembling): assemble them."""
         return [self._assemble(b) for b in list(self.books.values()) if len(b.done) == len(b.units)]
 
-    def finish(self, res: ShardResult) -> ShardResult | None:
-        """Record a finished unit; returns the shard's result when this was its last unit (or a whole shard)."""
-        if not res.part:
-            return res
-        book = self.books[res.rel]
-        book.done[res.start] = res.to_json()
-        if len(book.done) < len(book.units):
-            return None
-        return self._assemble(book)
+    def finish(self, res: ShardResult) -> list[ShardResult]:
+        """Record a finished unit; returns the shards completed since the last call: a whole shard at
+        once, split shards as their background assembly (started by their last unit) completes;
+        ``drain`` hands over the rest, and any failure."""
+        out = [] if res.part else [res]
+        if res.part:
+            book = self.books[res.rel]
+            book.done[res.start] = res.to_json()
+            if len(book.done) == len(book.units):
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grefine-assemble")
+                self._pending.append((res.rel, self._pool.submit(self._assemble, book)))
+        ready = [(rel, f) for rel, f in self._pending if f.done() and f.exception() is None]
+        self._pending = [p for p in self._pending if p not in ready]
+        return out + [f.result() for _, f in ready]
+
+    def drain(self) -> tuple[list[ShardResult], list[tuple[str, str]]]:
+        """Wait for the assemblies started by ``finish``: (shard results, (shard, message) failures)."""
+        done: list[ShardResult] = []
+        failed: list[tuple[str, str]] = []
+        for rel, fut in self._pending:
+            try:
+                done.append(fut.result())
+            except Exception as e:  # noqa: BLE001 - one file that cannot be assembled: its parts stay for a rerun
+                failed.append((rel, f"assembling the output from its units failed: {type(e).__name__}: {e}"))
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        return done, failed
 
     def _assemble(self, book: _Book) -> ShardResult:
         """Concatenate the parts in row order into the output (temporary name, record in the footer,
