@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/python -m grefine_curate.pipelines.demo --out demo-out
 	$(VENV)/bin/grefine-curate run demo-out/input --out demo-out/refined --preset tiny --save-maps --no-resume
-	@echo "outputs: demo-out/refined (Parquet shard, report.html, _grefine/manifest.json)"
+	@echo "outputs: demo-out/refined (Parquet shard; __grefine__/report.html, __grefine__/manifest.json)"
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

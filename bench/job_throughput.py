@@ -191,7 +191,7 @@ def main() -> None:
             assert s.exit_code == 0 and s.rows == args.n, s.lines()
             print(f"ray executor:   {s.rows} images in {s.wall_s - s.startup_s:.2f}s = {s.items_per_s:.1f} img/s "
                   f"({s.items_per_s / bare:.2f}x bare; ray.init {init:.1f}s and actor start-up {s.startup_s:.1f}s "
-                  f"excluded; {json.load(open(os.path.join(work, 'ray', '_grefine', 'manifest.json')))['run']['workers']} "
+                  f"excluded; {json.load(open(os.path.join(work, 'ray', '__grefine__', 'manifest.json')))['run']['workers']} "
                   "worker(s))")
         # 5. Peak RSS, small vs large data set (fresh processes)
         if args.rss_n:

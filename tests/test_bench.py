@@ -51,3 +51,9 @@ def test_tar_memory_bench_streams_and_prints_ratio():
     big = re.search(r"big: \d+ MB tar, (\d+) samples", stdout)
     assert small and big and int(big.group(1)) == 4 * int(small.group(1))
     assert re.search(r"^ratio: \d+\.\d{3}$", stdout.strip().splitlines()[-1])
+
+
+def test_two_pass_bench_prints_ratio():
+    stdout = _run(["bench/two_pass.py", "--n", "24", "--rounds", "1"], timeout=300)
+    lines = stdout.strip().splitlines()
+    assert re.fullmatch(r"ratio: \d+\.\d{3}", lines[-1]), lines[-1]

@@ -152,7 +152,7 @@ def test_run_and_score_commands(tmp_path, capsys):
     code, stdout, err = run_cli(["run", str(tmp_path / "in"), "--out", str(out), "--preset", "tiny", "--executor", "local",
                                  "--quiet", "--save-maps"], capsys)
     assert code == 0, err
-    assert "done: 3 rows" in stdout and (out / "report.html").exists() and (out / "_grefine" / "manifest.json").exists()
+    assert "done: 3 rows" in stdout and (out / "__grefine__" / "report.html").exists() and (out / "__grefine__" / "manifest.json").exists()
     code, stdout, err = run_cli(["run", str(tmp_path / "in"), "--out", str(out), "--preset", "tiny", "--executor", "local",
                                  "--quiet", "--save-maps"], capsys)  # same command again: resumed, nothing recomputed
     assert code == 0 and "0 run now, 1 already complete" in stdout

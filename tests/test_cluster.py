@@ -74,8 +74,8 @@ def _check_exactly_once(out, n):
     got = pq.read_table(out / "big.parquet")
     assert got.column(C.ID).to_pylist() == [f"big.parquet#{i}" for i in range(n)]
     assert not [f for _, _, fs in os.walk(out) for f in fs if TMP_MARK in f]
-    assert not (out / "_grefine" / "units" / "big.parquet").exists()
-    return json.loads((out / "_grefine" / "shards" / "big.parquet.json").read_text())
+    assert not (out / "__grefine__" / "units" / "big.parquet").exists()
+    return json.loads((out / "__grefine__" / "shards" / "big.parquet.json").read_text())
 
 
 def test_both_nodes_process_units(two_nodes, tmp_path):
@@ -95,7 +95,7 @@ def test_losing_a_node_mid_job_redoes_only_its_unit(two_nodes, tmp_path):
     n = 40
     inp, out = _data(tmp_path, n), tmp_path / "out"
     proc = _start(cluster, inp, out)
-    parts = out / "_grefine" / "units" / "big.parquet"
+    parts = out / "__grefine__" / "units" / "big.parquet"
     fs = pafs.LocalFileSystem()
     on_worker: dict[str, int] = {}
     t0 = time.monotonic()
@@ -120,6 +120,6 @@ def test_losing_a_node_mid_job_redoes_only_its_unit(two_nodes, tmp_path):
         assert units[start]["node_id"] == worker.node_id and units[start]["attempt"] == 1
     redone = [u for u in units.values() if u["attempt"] > 1]
     assert len(redone) == 1 and redone[0]["node_id"] == cluster.head_node.node_id, marker["units"]
-    man = json.loads((out / "_grefine" / "manifest.json").read_text())
+    man = json.loads((out / "__grefine__" / "manifest.json").read_text())
     assert man["run"]["retries"] == 1 and man["run"]["units_run"] == n // 4 and man["state"] == "done"
     assert "worker died" in log  # said on the terminal, with the unit's shard

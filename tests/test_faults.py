@@ -45,7 +45,7 @@ def _start_job(inp, out) -> subprocess.Popen:
 
 
 def _wait_for_first_marker(proc, out, timeout=120.0) -> str:
-    markers = out / "_grefine" / "shards" / "part-a"
+    markers = out / "__grefine__" / "shards" / "part-a"
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if markers.exists() and any(markers.iterdir()):
@@ -117,7 +117,7 @@ def test_kill_9_then_rerun_gives_every_row_exactly_once(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    done_before = {p: os.stat(p).st_mtime_ns for p in [first, first.replace("/_grefine/shards", "")[:-5]]}
+    done_before = {p: os.stat(p).st_mtime_ns for p in [first, first.replace("/__grefine__/shards", "")[:-5]]}
     summary = run_job(_cfg(inp, out))
     assert summary.exit_code == 0 and summary.shards_skipped >= 1
     assert summary.shards_run + summary.shards_skipped == 4 and summary.rows == 16
@@ -141,7 +141,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_shards(tmp_path):
     assert not _temporaries(out), "a clean stop removes its partial output"
     import json
 
-    man = json.loads((out / "_grefine" / "manifest.json").read_text())
+    man = json.loads((out / "__grefine__" / "manifest.json").read_text())
     assert man["state"] == "interrupted" and man["counts"]["shards_complete"] >= 1
     summary = run_job(_cfg(inp, out))
     assert summary.exit_code == 0 and summary.shards_skipped == man["counts"]["shards_complete"]

@@ -95,7 +95,7 @@ def test_sdxl_random_weights_refine_and_run_end_to_end(tmp_path):
     for r in rows:
         assert r["grefine_status"] == "ok", r["grefine_error"]
         assert r["grefine_route"] in ("full", "reverted") and r["pq_score_after"] is not None
-    man = json.loads((tmp_path / "out" / "_grefine" / "manifest.json").read_text())
+    man = json.loads((tmp_path / "out" / "__grefine__" / "manifest.json").read_text())
     assert man["result_config"]["preset"]["refiner"]["random_weights"] is True
     assert man["models"]["clip"] == "ViT-B-16-quickgelu/random"
     peak = _peak_children_gb()

@@ -109,7 +109,7 @@ def test_refine_output_contract(tmp_path):
     assert summary.exit_code == 0, summary.lines()
     rels = ["hf.parquet", "part-a/shard-000.parquet", "part-b/shard-001.parquet"]
     assert files_under(tmp_path / "out") == sorted(
-        rels + ["_grefine/manifest.json", "report.html"] + [f"_grefine/shards/{r}.json" for r in rels])
+        rels + ["__grefine__/manifest.json", "__grefine__/report.html"] + [f"__grefine__/shards/{r}.json" for r in rels])
     for rel in rels:
         src = pq.read_table(tmp_path / "in" / rel)
         out = pq.read_table(tmp_path / "out" / rel)
@@ -135,7 +135,7 @@ def test_refine_output_contract(tmp_path):
                 assert img.format == "PNG" and img.size == Image.open(io.BytesIO(before)).size
             pmap = Image.open(io.BytesIO(row[C.PQ_MAP]))
             assert pmap.size == (64, 64) and pmap.mode == "L"
-    man = json.loads((tmp_path / "out" / "_grefine" / "manifest.json").read_text())
+    man = json.loads((tmp_path / "out" / "__grefine__" / "manifest.json").read_text())
     assert man["state"] == "done" and man["config_hash"] == summary.config_hash
     assert man["counts"]["rows"] == 6 and man["counts"]["status"] == {"ok": 6}
     assert sum(man["counts"]["routes"].values()) == 6 and man["packages"]["pyarrow"] == pa.__version__
@@ -146,10 +146,11 @@ def test_refine_output_contract(tmp_path):
 def test_score_mode_writes_ids_prompts_scores_and_compact_maps(tmp_path):
     write_dataset(str(tmp_path / "in"), shards=2, rows=4)
     summary = run_job(job(tmp_path, [tmp_path / "in"], mode="score", save_maps=True, id_column="row_key"))
-    assert summary.exit_code == 0 and summary.rows == 8 and summary.routes == {}
+    assert summary.exit_code == 0 and summary.rows == 8 and sum(summary.routes.values()) == 8  # planned routes
     out = pq.read_table(tmp_path / "out" / "part-b" / "shard-001.parquet")
-    assert out.column_names == [C.ID, C.PROMPT, "prompt", "row_key", "meta", C.STATUS, C.ERROR, C.PQ_SCORE,
-                                C.AQ_SCORE, C.UNMATCHED, C.PQ_MAP, C.AQ_MAP]  # input columns but the image kept
+    assert out.column_names == [C.ID, C.PROMPT, "prompt", "row_key", "meta", C.STATUS, C.ERROR, C.ROUTE,
+                                C.ROUTE_PLANNED, C.PQ_SCORE, C.AQ_SCORE, C.UNMATCHED, C.PQ_MAP,
+                                C.AQ_MAP]  # input columns but the image kept
     assert out.column(C.ID).to_pylist() == ["4", "5", "6", "7"]
     src = pq.read_table(tmp_path / "in" / "part-b" / "shard-001.parquet")
     assert out.column(C.PROMPT).to_pylist() == src.column("prompt").to_pylist()
@@ -186,20 +187,20 @@ def test_resume_skips_complete_shards_and_ignores_stale_temporaries(tmp_path):
     first = run_job(cfg)
     assert first.shards_run == 3
     out = tmp_path / "out"
-    marker = out / "_grefine" / "shards" / "part-a" / "shard-000.parquet.json"
+    marker = out / "__grefine__" / "shards" / "part-a" / "shard-000.parquet.json"
     before = {p: os.stat(out / p).st_mtime_ns for p in files_under(out) if not p.endswith("manifest.json")}
     # A killed run leaves a temporary beside an output, one shard incomplete (no output, no marker) and
     # one complete output whose marker was never written (killed between the rename and the marker).
     stale = out / "part-a" / ".shard-002.parquet.grefine-tmp-deadbeef"
     stale.write_bytes(b"PAR1 partial")
     os.remove(out / "part-a" / "shard-002.parquet")
-    os.remove(out / "_grefine" / "shards" / "part-a" / "shard-002.parquet.json")
-    os.remove(out / "_grefine" / "shards" / "part-b" / "shard-001.parquet.json")
+    os.remove(out / "__grefine__" / "shards" / "part-a" / "shard-002.parquet.json")
+    os.remove(out / "__grefine__" / "shards" / "part-b" / "shard-001.parquet.json")
     second = run_job(cfg)
     assert (second.shards_run, second.shards_skipped, second.removed_temporaries) == (1, 2, 1)
     assert second.adopted == 1  # the output is its own commit record: adopted, not recomputed
     assert os.stat(out / "part-b" / "shard-001.parquet").st_mtime_ns == before["part-b/shard-001.parquet"]
-    assert json.loads((out / "_grefine" / "shards" / "part-b" / "shard-001.parquet.json").read_text())["rows"] == 2
+    assert json.loads((out / "__grefine__" / "shards" / "part-b" / "shard-001.parquet.json").read_text())["rows"] == 2
     assert not stale.exists()
     assert os.stat(marker).st_mtime_ns == before[str(marker.relative_to(out))]  # not recomputed
     assert os.stat(out / "part-a" / "shard-000.parquet").st_mtime_ns == before["part-a/shard-000.parquet"]
@@ -219,7 +220,7 @@ def test_config_change_is_refused_unless_forced(tmp_path):
     changed.force = True
     forced = run_job(changed)
     assert forced.exit_code == 0 and forced.shards_run == 1
-    man = json.loads((tmp_path / "out" / "_grefine" / "manifest.json").read_text())
+    man = json.loads((tmp_path / "out" / "__grefine__" / "manifest.json").read_text())
     assert man["result_config"]["preset"]["aq"]["beta"] == 0.3
 
 
@@ -268,7 +269,7 @@ def test_error_rate_and_failed_shard_exit_codes(tmp_path, fake_engine, monkeypat
     s = run_job(job(tmp_path, [tmp_path / "in"], out=tmp_path / "o3", mode="score"))
     assert s.exit_code == 1 and s.state == "failed" and s.shards_failed[0][0] == "z.parquet"
     assert s.shards_run == 2 and not (tmp_path / "o3" / "z.parquet").exists()
-    man = json.loads((tmp_path / "o3" / "_grefine" / "manifest.json").read_text())
+    man = json.loads((tmp_path / "o3" / "__grefine__" / "manifest.json").read_text())
     assert man["failures"][0]["shard"] == "z.parquet" and "disk full" in man["failures"][0]["error"]
 
 
@@ -320,7 +321,7 @@ def test_a_failed_start_does_not_lock_its_output_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(executors, "cached_engine", cannot_load)
     with pytest.raises(ModelUnavailableError):
         run_job(job(tmp_path, [tmp_path / "in"], overrides={"aq": {"beta": 0.3}}))
-    man = json.loads((tmp_path / "out" / "_grefine" / "manifest.json").read_text())
+    man = json.loads((tmp_path / "out" / "__grefine__" / "manifest.json").read_text())
     assert man["state"] == "failed" and "simulated" in man["error"]  # not "running" forever
     monkeypatch.undo()
     retry = run_job(job(tmp_path, [tmp_path / "in"]))  # another config, same OUT: nothing was written, no lock
@@ -345,7 +346,7 @@ def test_missing_weights_are_found_before_any_executor_starts(tmp_path, monkeypa
                         models_dir=str(tmp_path / "models")))
         msg = str(e.value)
         assert "ViT-B-16-quickgelu" in msg and str(tmp_path / "models") in msg and "models pull" in msg
-    assert not (tmp_path / "out" / "_grefine" / "manifest.json").exists()  # nothing written
+    assert not (tmp_path / "out" / "__grefine__" / "manifest.json").exists()  # nothing written
 
 
 
@@ -361,7 +362,7 @@ def test_a_smaller_limit_never_shrinks_a_finished_output_silently(tmp_path):
     assert forced.rows == 2 and any("removed" in n and "--limit" in n for n in forced.notes)
     assert pq.read_table(tmp_path / "out" / "part-a" / "shard-000.parquet").num_rows == 2
     assert files_under(tmp_path / "out" / "part-b") == []  # the shard past the limit: removed, and said so
-    assert files_under(tmp_path / "out" / "_grefine" / "shards" / "part-b") == []
+    assert files_under(tmp_path / "out" / "__grefine__" / "shards" / "part-b") == []
 
 
 
@@ -421,7 +422,8 @@ def test_an_id_column_is_picked_automatically_and_input_columns_are_kept_in_scor
     bare = run_job(job(tmp_path, [tmp_path / "in"], out=tmp_path / "bare", mode="score", input_columns=False))
     assert bare.exit_code == 0
     out = pq.read_table(tmp_path / "bare" / "id.parquet")
-    assert out.column_names == [C.ID, C.PROMPT, C.STATUS, C.ERROR, C.PQ_SCORE, C.AQ_SCORE, C.UNMATCHED]
+    assert out.column_names == [C.ID, C.PROMPT, C.STATUS, C.ERROR, C.ROUTE, C.ROUTE_PLANNED, C.PQ_SCORE, C.AQ_SCORE,
+                                C.UNMATCHED]
 
 
 def test_out_equal_to_an_input_folder_is_said(tmp_path):
@@ -431,7 +433,7 @@ def test_out_equal_to_an_input_folder_is_said(tmp_path):
             run_job(job(tmp_path, [tmp_path / "imgs"], out=out))
         msg = str(e.value)
         assert "--out" in msg and str(tmp_path / "imgs") in msg and "no input found" not in msg
-    assert not (tmp_path / "imgs" / "_grefine").exists()
+    assert not (tmp_path / "imgs" / "__grefine__").exists()
 
 
 def test_no_resume_recomputes_a_changed_config_without_force(tmp_path):
@@ -439,7 +441,7 @@ def test_no_resume_recomputes_a_changed_config_without_force(tmp_path):
     assert run_job(job(tmp_path, [tmp_path / "in"], mode="score")).exit_code == 0
     s = run_job(job(tmp_path, [tmp_path / "in"], mode="score", overrides={"aq": {"beta": 0.3}}, resume=False))
     assert s.exit_code == 0 and s.shards_run == 1  # every row is rewritten: nothing of two configs mixes
-    man = json.loads((tmp_path / "out" / "_grefine" / "manifest.json").read_text())
+    man = json.loads((tmp_path / "out" / "__grefine__" / "manifest.json").read_text())
     assert man["result_config"]["preset"]["aq"]["beta"] == 0.3
 
 
@@ -460,7 +462,7 @@ def test_interrupted_summary_agrees_with_the_shards_on_disk(tmp_path, monkeypatc
     s = run_job(job(tmp_path, [tmp_path / "in"], mode="score"))
     assert (s.exit_code, s.rows, s.shards_run, s.rows_this_run) == (130, 4, 2, 4)
     assert s.lines()[0].startswith("interrupted: 4 rows in 2 of 3 shards") and "1 unfinished" in s.lines()[0]
-    man = json.loads((tmp_path / "out" / "_grefine" / "manifest.json").read_text())
+    man = json.loads((tmp_path / "out" / "__grefine__" / "manifest.json").read_text())
     assert man["run"]["rows"] == 4 and man["run"]["shards_run"] == 2
 
 

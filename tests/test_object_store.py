@@ -94,7 +94,7 @@ def test_parquet_and_webdataset_from_s3_to_s3(bucket, tmp_path):
     s = run_job(_cfg(f"s3://{name}/in/pq", f"s3://{name}/out/pq", mode="refine", unit_rows=4))
     assert s.exit_code == 0 and s.rows == 15 and s.units_run == 4, s.lines()
     keys = _keys(fs, f"{name}/out/pq")
-    assert "a.parquet" in keys and "sub/b.parquet" in keys and "_grefine/manifest.json" in keys
+    assert "a.parquet" in keys and "sub/b.parquet" in keys and "__grefine__/manifest.json" in keys
     assert not [k for k in keys if TMP_MARK in k or "/units/" in k]
     a = _read_parquet(fs, f"{name}/out/pq/a.parquet")
     assert a.column("row_key").to_pylist() == list(range(12))  # every row once, in input order
@@ -135,7 +135,7 @@ def test_kill_9_and_resume_on_s3_gives_every_row_once(bucket, tmp_path):
             "PYTHONPATH": os.path.join(ROOT, "src")}
     proc = subprocess.Popen([sys.executable, "-c", JOB_SCRIPT, inp, out], env=penv, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    parts = f"{name}/out/_grefine/units/big.parquet"
+    parts = f"{name}/out/__grefine__/units/big.parquet"
     t0 = time.monotonic()
     committed: list[str] = []
     while time.monotonic() - t0 < 180:
@@ -180,6 +180,6 @@ def test_ray_actors_read_and_write_s3(bucket, tmp_path, ray_session):
     a = _read_parquet(fs, f"{name}/out/a.parquet")
     assert a.column("row_key").to_pylist() == list(range(8))
     assert not [k for k in _keys(fs, f"{name}/out") if TMP_MARK in k or "/units/" in k]
-    with fs.open_input_stream(f"{name}/out/_grefine/manifest.json") as f:
+    with fs.open_input_stream(f"{name}/out/__grefine__/manifest.json") as f:
         manifest = f.read().decode()
     assert "testing:testing" not in manifest and f"s3://***@{name}/in" in manifest

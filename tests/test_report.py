@@ -25,7 +25,13 @@ from grefine_curate.curate.images import map_to_png
 from grefine_curate.pipelines import columns as C
 from grefine_curate.pipelines.report import write_report
 
-SECTIONS = ["summary", "counts", "histograms", "worst", "phrases", "config"]
+SECTIONS = ["summary", "counts", "histograms", "filter", "worst", "best", "routes", "phrases", "items", "config"]
+
+
+def section(text: str, sid: str) -> str:
+    """The HTML of one report section."""
+    start = text.index(f'<section id="{sid}"')
+    return text[start:text.index("</section>", start)]
 
 
 def _jpeg(seed: int, size=(160, 120)) -> bytes:
@@ -111,8 +117,8 @@ def make_job_output(root: Path, save_maps: bool = True) -> tuple[Path, Path]:
         "counts": {"rows": len(ROWS)},
         "run": {"wall_s": 3.2, "items_per_s": 2.5, "executor": "local", "workers": 1},
     }
-    (out / "_grefine").mkdir()
-    (out / "_grefine" / "manifest.json").write_text(json.dumps(manifest))
+    (out / "__grefine__").mkdir()
+    (out / "__grefine__" / "manifest.json").write_text(json.dumps(manifest))
     return inp, out
 
 
@@ -123,14 +129,14 @@ def make_job_output(root: Path, save_maps: bool = True) -> tuple[Path, Path]:
 def test_report_html_is_self_contained(tmp_path):
     _, out = make_job_output(tmp_path)
     path = write_report(out, n_worst=4)
-    assert path == out / "report.html"
+    assert path == out / "__grefine__" / "report.html"
     text = path.read_text()
     for sid in SECTIONS:
         assert f'id="{sid}"' in text
     assert "http://" not in text and "https://" not in text  # nothing fetched from the network
     # 4 worst (p 0.21, 0.35, 0.45, 0.58) x 4 cells, minus the reverted item's refined image and the
     # no-prompt item's AQ map
-    assert text.count("<img ") == 4 * 4 - 2
+    assert section(text, "worst").count("<img ") == 4 * 4 - 2
     assert "reverted: the guard kept the original" in text and "no prompt: no AQ map" in text
     assert "run with --save-maps" not in text
     assert 'data-threshold="skip_p"' in text and 'data-threshold="light_a"' in text
@@ -142,25 +148,25 @@ def test_report_without_maps_says_how_to_get_them(tmp_path):
     _, out = make_job_output(tmp_path, save_maps=False)
     text = write_report(out).read_text()
     assert "run with --save-maps to see maps" in text
-    assert text.count('data-role="pq"') == 7  # every ok row listed (n_worst 24 > 7 ok rows)
+    assert section(text, "worst").count('data-role="pq"') == 7  # every ok row listed (n_worst 24 > 7 ok rows)
 
 
 def test_report_original_missing_is_said_not_crashed(tmp_path):
     inp, out = make_job_output(tmp_path)
     inp.unlink()
     text = write_report(out, n_worst=3).read_text()
-    assert text.count("original not available") == 3
+    assert section(text, "worst").count("original not available") == 3
 
 
 def test_report_needs_a_manifest(tmp_path):
-    with pytest.raises(InputError, match="no _grefine/manifest.json"):
+    with pytest.raises(InputError, match="no __grefine__/manifest.json"):
         write_report(tmp_path)
 
 
 def _manifest(out: Path, mode: str, inputs: list[dict]) -> None:
     preset = load_preset("tiny")
-    (out / "_grefine").mkdir(parents=True)
-    (out / "_grefine" / "manifest.json").write_text(json.dumps({
+    (out / "__grefine__").mkdir(parents=True)
+    (out / "__grefine__" / "manifest.json").write_text(json.dumps({
         "state": "done", "exit_code": 0, "preset": "tiny", "models": {"clip": "tiny/random"},
         "result_config": {"preset": preset.to_dict(), "mode": mode, "columns": {"image": None}},
         "inputs": inputs}))
@@ -187,8 +193,10 @@ def test_report_folder_input_refine(tmp_path):
     }), out / "scores" / "imgs-00000.parquet")
     _manifest(out, "refine", [{"shard": "scores/imgs-00000.parquet", "input": str(src), "rows": 3}])
     text = write_report(out).read_text()
-    assert text.count('data-role="original"><img') == 3
-    assert text.count('data-role="refined"><img') == 2 and "route skip: kept as is" in text
+    worst = section(text, "worst")
+    assert worst.count('data-role="original"><img') == 3
+    assert worst.count('data-role="refined"><img') == 2 and "route skip: kept as is" in worst
+    assert "in OUT: images/sub/b.jpg (scores: scores/imgs-00000.parquet row 1)" in worst
     assert "run with --save-maps to see maps" in text
 
 
@@ -206,7 +214,7 @@ def test_report_score_mode(tmp_path):
     text = write_report(out).read_text()
     assert "score mode: no routing or refinement" in text and "score mode: not refined" in text
     assert 'data-count="status:error">1<' in text and "route:" not in text
-    assert text.count('data-role="original"><img') == 2  # originals found in the input by row index
+    assert section(text, "worst").count('data-role="original"><img') == 2  # originals found in the input by row index
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +303,7 @@ class _CDP:
 
 
 DOM_FACTS = """(() => {
-  const imgs = [...document.querySelectorAll('img')];
+  const imgs = [...document.querySelectorAll('#worst img')];
   const ids = %s;
   return {
     sections: ids.filter(i => { const e = document.getElementById(i); return e && e.getBoundingClientRect().height > 0; }),
@@ -314,6 +322,18 @@ DOM_FACTS = """(() => {
               .filter(u => !u.startsWith('data:')),
     height: document.documentElement.scrollHeight,
   };
+})()"""
+
+
+FILTER_FACTS = r"""(() => {
+  const set = (id, v) => { const e = document.getElementById(id); e.value = v; e.dispatchEvent(new Event("input")); };
+  const shown = () => [...document.querySelectorAll('#worst tr.item')].filter(r => r.style.display !== "none").length;
+  const initial = document.getElementById("f-count").textContent;
+  set("f-text", "red sofa"); const phrase = shown();
+  set("f-pmin", "0.3"); set("f-pmax", "0.5"); const range = shown();
+  set("f-text", ""); set("f-pmin", ""); set("f-pmax", ""); set("f-route", "full"); const route = shown();
+  const tab = getComputedStyle(document.getElementById("route-skip")).display;
+  return {initial, phrase, range, route, tab};
 })()"""
 
 
@@ -338,6 +358,8 @@ def test_report_renders_in_headless_chromium(tmp_path):
             "format": "png", "captureBeyondViewport": True,
             "clip": {"x": 0, "y": 0, "width": 1280, "height": height, "scale": 1}}, session=session, timeout=60)
         requests = [e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"]
+        filtered = browser.call("Runtime.evaluate", {"expression": FILTER_FACTS, "returnByValue": True},
+                                session=session)["result"]["value"]
     finally:
         browser.close()
 
@@ -369,4 +391,49 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert facts["phrases"][0] == ["red sofa", 3]
     assert "tiny/random" in facts["models"]
     assert facts["external"] == []
+    # the filter: phrase "red sofa" keeps the 3 worst-table items that have it unmatched; then p in [0.3, 0.5]
+    assert filtered["phrase"] == 3 and filtered["range"] == 1 and filtered["route"] == 2
+    assert filtered["tab"] == "block"  # the first route page is shown
+    assert filtered["initial"].endswith(" item rows shown") and not filtered["initial"].startswith("0 of 0")
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
+
+
+# ---------------------------------------------------------------------------------------------
+# For curating: best items, a page per route, filter data, locations, random-weights banner
+
+
+def test_report_best_route_pages_items_table_and_banner(tmp_path):
+    _, out = make_job_output(tmp_path)
+    text = write_report(out, n_worst=2, n_best=2, n_route=1, n_table=5).read_text()
+    best = section(text, "best")
+    assert best.count('<tr class="item"') == 2
+    assert 'data-p="0.91' in best and 'data-p="0.8' in best  # highest p first
+    routes = section(text, "routes")
+    for route, n in (("skip", 2), ("light", 2), ("full", 2), ("reverted", 1)):
+        page = routes[routes.index(f'id="route-{route}"'):]
+        assert f"route {route}: {n} items; the 1 worst shown" in page
+        assert f'<label for="tab-{route}">{route} ({n})</label>' in routes
+    items = section(text, "items")
+    assert items.count('<tr class="item"') == 5 and "the 5 worst of 7 scored items" in items
+    assert "in OUT: part-0.parquet row 2" in section(text, "worst")  # the worst item (p 0.21) is row 2
+    assert 'data-phrases="red sofa\x1fblue hat"' in text and 'data-route="full"' in text
+    assert 'id="f-text"' in section(text, "filter") and "<script>" in text and "src=" not in text.split("<script>")[1].split("</script>")[0]
+    assert 'id="random-weights"' in text  # the fixture's manifest says tiny/random
+
+
+def test_report_without_random_weights_has_no_banner(tmp_path):
+    _, out = make_job_output(tmp_path)
+    man = json.loads((out / "__grefine__" / "manifest.json").read_text())
+    man["models"]["clip"] = "ViT-B-16/openai"
+    man["preset"] = man["result_config"]["preset"]["name"] = "sdxl"
+    (out / "__grefine__" / "manifest.json").write_text(json.dumps(man))
+    assert 'id="random-weights"' not in write_report(out).read_text()
+
+
+def test_report_shows_the_thresholds_refine_worst_would_choose(tmp_path):
+    from grefine_curate.pipelines.thresholds import threshold_at
+
+    _, out = make_job_output(tmp_path)
+    text = section(write_report(out).read_text(), "histograms")
+    ps = [r[1] for r in ROWS if r[1] is not None]
+    assert 'id="quantiles"' in text and f"<td class=num>{threshold_at(np.array(ps), 0.15):.4f}</td>" in text

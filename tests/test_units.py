@@ -69,7 +69,7 @@ def test_a_file_in_units_gives_the_same_output_as_one_unit(tmp_path):
     assert b.to_pylist() == a.to_pylist()  # every row once, in input order, every column (same seeds and pixels)
     src = pq.read_table(tmp_path / "in" / "big.parquet")
     assert b.column("row_key").to_pylist() == src.column("row_key").to_pylist()
-    marker = json.loads((tmp_path / "split" / "_grefine" / "shards" / "big.parquet.json").read_text())
+    marker = json.loads((tmp_path / "split" / "__grefine__" / "shards" / "big.parquet.json").read_text())
     assert [(u["start"], u["stop"]) for u in marker["units"]] == [(0, 5), (5, 10)]
     assert marker["rows"] == 10 and sum(marker["status"].values()) == 10 and sum(marker["routes"].values()) == 10
     assert {r for r in b.column(C.ROUTE).to_pylist()} & {"light", "full"}, "no row was refined: nothing checked"
@@ -132,7 +132,7 @@ def test_kill_9_mid_file_keeps_finished_units(tmp_path):
            "PYTHONPATH": os.path.join(ROOT, "src")}
     proc = subprocess.Popen([sys.executable, "-c", JOB_SCRIPT, str(inp), str(out)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    parts_dir = out / "_grefine" / "units" / "big.parquet"
+    parts_dir = out / "__grefine__" / "units" / "big.parquet"
     t0 = time.monotonic()
     while time.monotonic() - t0 < 120:
         parts = [p for p in parts_dir.iterdir() if TMP_MARK not in p.name] if parts_dir.exists() else []

@@ -69,7 +69,7 @@ def test_refine_mirrors_the_tar_and_writes_a_sidecar(tmp_path):
     write_tar(tmp_path / "in" / "part" / "00000.tar", members)
     s = run_job(_cfg(tmp_path / "in", tmp_path / "out", save_maps=True))
     assert s.exit_code == 0 and s.rows == 6, s.lines()
-    assert (tmp_path / "out" / "report.html").exists(), s.notes  # the report reads the sidecar's scores
+    assert (tmp_path / "out" / "__grefine__" / "report.html").exists(), s.notes  # the report reads the sidecar's scores
     out = _read_tar(tmp_path / "out" / "part" / "00000.tar")
     side = pq.read_table(tmp_path / "out" / "part" / "00000.parquet")
     assert side.column(C.KEY).to_pylist() == [f"{i:09d}" for i in range(6)]  # one row per sample, in order
@@ -105,7 +105,7 @@ def test_refine_mirrors_the_tar_and_writes_a_sidecar(tmp_path):
             assert data == src[name]  # .txt, .cls unchanged
     assert refined >= 1, "no sample was refined: the image replacement went unchecked"
     assert side.column(C.PQ_MAP).null_count == 0
-    marker = json.loads((tmp_path / "out" / "_grefine" / "shards" / "part" / "00000.tar.json").read_text())
+    marker = json.loads((tmp_path / "out" / "__grefine__" / "shards" / "part" / "00000.tar.json").read_text())
     assert marker["companions"] == {"part/00000.tar": os.path.getsize(tmp_path / "out" / "part" / "00000.tar")}
 
 
@@ -184,7 +184,7 @@ def test_the_sidecar_is_the_commit_record_of_its_tar(tmp_path):
     write_tar(tmp_path / "in" / "00000.tar", good_members(3))
     cfg = _cfg(tmp_path / "in", tmp_path / "out")
     assert run_job(cfg).exit_code == 0
-    marker = tmp_path / "out" / "_grefine" / "shards" / "00000.tar.json"
+    marker = tmp_path / "out" / "__grefine__" / "shards" / "00000.tar.json"
     tar = tmp_path / "out" / "00000.tar"
     mtime = tar.stat().st_mtime_ns
     marker.unlink()  # killed between the renames and the marker

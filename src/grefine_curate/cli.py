@@ -435,12 +435,33 @@ def eval_cmd(
 def report(
     out: Annotated[Path, typer.Argument(help="Output folder of a `run` or `score` job.")],
     worst: Annotated[int, typer.Option("--worst", help="How many of the worst items to show.")] = 24,
+    best: Annotated[int, typer.Option("--best", help="How many of the best items to show.")] = 12,
+    per_route: Annotated[int, typer.Option("--per-route", help="Items shown on each route's page (worst first).")] = 12,
+    table_rows: Annotated[int, typer.Option("--table-rows", help="Rows of the filterable item table (worst first).")] = 2000,
 ) -> None:
-    """(Re)write OUT/report.html: counts, score histograms, the worst items with their maps, unmatched phrases."""
+    """(Re)write OUT/__grefine__/report.html: counts, thresholds, histograms, worst and best items with their maps,
+    a page per route, a filter by phrase, score range and route, unmatched phrases, each item's place in OUT."""
     from grefine_curate.pipelines.report import write_report
 
-    path = write_report(out, n_worst=worst)
+    path = write_report(out, n_worst=worst, n_best=best, n_route=per_route, n_table=table_rows)
     typer.echo(f"report written to {path}")
+
+
+@app.command("export")
+def export_cmd(
+    out: Annotated[str, typer.Argument(help="Output folder of a `run` or `score` job.")],
+    to: Annotated[str, typer.Option("--to", help="New (or empty) folder to write the data set to.")],
+    where: Annotated[Optional[str], typer.Option("--where", help="Keep only rows matching this condition: comparisons COLUMN OP VALUE (< <= > >= == !=; a number, 'text' or null) with and/or/not and parentheses, e.g. \"pq_score_after >= 0.6 and grefine_route != 'reverted'\".")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="parquet (Hugging Face image structs), webdataset (.tar shards) or imagefolder (files + metadata.jsonl).")] = "parquet",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Write a job's output as a clean training data set: final images, input columns and scores; error rows
+    (and rows not matching --where) left out and counted."""
+    from grefine_curate.pipelines.export import export as run_export
+
+    summary = run_export(out, to, where=where, fmt=fmt, quiet=quiet)
+    for line in summary.lines():
+        typer.echo(line)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -451,7 +472,8 @@ def report(
 def _job(
     inputs, out, mode, preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
     save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
-    models_dir, image_format, random_weights=False, input_columns=True, unit_rows=None,
+    models_dir, image_format, random_weights=False, input_columns=True, scores=None, refine_worst=None,
+    light_next=None, unit_rows=None,
 ) -> None:
     from grefine_curate.pipelines.job import JobConfig, run_job
 
@@ -462,7 +484,8 @@ def _job(
         save_maps=save_maps, resume=resume, force=force, max_error_rate=max_error_rate, quiet=quiet,
         keep_images=keep_images, image_column=image_column, prompt_column=prompt_column,
         id_column=id_column, models_dir=str(models_dir) if models_dir else None, image_format=image_format.upper(),
-        overrides=_overrides(random_weights), input_columns=input_columns, unit_rows=unit_rows,
+        overrides=_overrides(random_weights), input_columns=input_columns,
+        scores=scores, refine_worst=refine_worst, light_next=light_next, unit_rows=unit_rows,
     )
     if random_weights and not quiet:
         typer.secho("note: --random-weights: full-size architectures with random weights (a benchmark and wiring "
@@ -521,14 +544,22 @@ def run(
     models_dir: ModelsDirOpt = None,
     image_format: ImageFormatOpt = "PNG",
     random_weights: RandomOpt = False,
+    scores: Annotated[Optional[str], typer.Option("--scores", help="Reuse p, a and unmatched phrases (and maps) from the OUT of an earlier `score` run over the same inputs and scoring config, instead of scoring again: only the images to refine are decoded.")] = None,
+    refine_worst: Annotated[Optional[float], typer.Option("--refine-worst", help="Route 'full' the worst fraction F of the data set, by p and by a (e.g. 0.15), instead of the preset's fixed thresholds; without --scores the job scores everything first.")] = None,
+    light_next: Annotated[Optional[float], typer.Option("--light-next", help="Route 'light' the next fraction G after --refine-worst, by p and by a (default 0).")] = None,
     unit_rows: UnitRowsOpt = None,
 ) -> None:
-    """Score every image of a data set, route it, refine the low-quality ones, write everything back."""
+    """Score every image of a data set, route it, refine the low-quality ones, write everything back.
+
+    Routing thresholds are the preset's (fixed), or fractions of this data set with --refine-worst /
+    --light-next; the thresholds used are in the manifest, the summary and the report.
+    """
     if mode not in ("refine", "score"):
         _fail(f"--mode must be 'refine' or 'score', got {mode!r}", EXIT_USAGE)
     _job(inputs, out, mode, preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
          save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
-         models_dir, image_format, random_weights, input_columns, unit_rows)
+         models_dir, image_format, random_weights, input_columns, scores, refine_worst, light_next,
+         unit_rows=unit_rows)
 
 
 @app.command()
@@ -557,10 +588,11 @@ def score(
     random_weights: RandomOpt = False,
     unit_rows: UnitRowsOpt = None,
 ) -> None:
-    """Score-only audit of a data set (same as `run --mode score`): ids, prompts and PQ/AQ scores."""
+    """Score-only audit of a data set (same as `run --mode score`): ids, prompts, PQ/AQ scores and the route a
+    run would take with the preset's thresholds (grefine_route, marked planned). Reuse it with `run --scores`."""
     _job(inputs, out, "score", preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
          save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
-         models_dir, "PNG", random_weights, input_columns, unit_rows)
+         models_dir, "PNG", random_weights, input_columns, unit_rows=unit_rows)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -2,7 +2,8 @@
 
 STATUS = "grefine_status"  # "ok" | "error"
 ERROR = "grefine_error"  # message or null
-ROUTE = "grefine_route"  # "skip" | "light" | "full" | "reverted" (null in score mode or on error)
+ROUTE = "grefine_route"  # "skip" | "light" | "full" | "reverted" (null on error); score mode: the planned route
+ROUTE_PLANNED = "grefine_route_planned"  # score mode: true (the route is planned, nothing was refined)
 PQ_SCORE = "pq_score"
 AQ_SCORE = "aq_score"
 PQ_SCORE_AFTER = "pq_score_after"

@@ -173,7 +173,12 @@ def run_local(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, pr
     if not tasks:
         return report
     t0 = time.perf_counter()
-    engine = cached_engine(spec)
+    if opts.scores_uri is not None:  # reusing an audit: models load only if an item needs them
+        from grefine_curate.pipelines.processor import LazyEngine
+
+        engine = LazyEngine(lambda: cached_engine(spec), spec.preset.seed)
+    else:
+        engine = cached_engine(spec)
     report.startup_s = time.perf_counter() - t0  # model loading (0 when this process has them already)
     for task in tasks:
         done = 0
@@ -188,6 +193,8 @@ def run_local(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, pr
         except KeyboardInterrupt:
             report.interrupted = True
             return report
+        except ModelUnavailableError:
+            raise  # (a lazily loaded engine) every shard would fail the same way: stop now
         except Exception as e:  # noqa: BLE001 - one broken shard must not stop the others
             progress.rollback(done)
             report.failures.append((task.shard.rel, f"{type(e).__name__}: {e}"))

@@ -27,6 +27,8 @@ from grefine_curate.curate import config
 from grefine_curate.curate.config import Preset
 from grefine_curate.curate.errors import ConfigError, InputError
 from grefine_curate.curate.routing import check_routing
+from grefine_curate.pipelines.layout import migrate_legacy_layout
+from grefine_curate.pipelines.thresholds import describe as describe_routing
 from grefine_curate.pipelines.executors import ExecReport, Progress, run_local, run_ray
 from grefine_curate.pipelines.manifest import (
     check_config,
@@ -87,6 +89,10 @@ class JobConfig:
     threads_per_worker: int | None = None  # Ray: torch threads per actor (None: its CPUs; 2 with a GPU)
     max_attempts: int = 3  # Ray: attempts of a shard whose worker died
     draft_decode: bool = True  # score mode: decode JPEGs DCT-scaled to the CLIP input size (faster)
+    scores: str | None = None  # refine mode: reuse p, a, unmatched phrases from this `score` output
+    refine_worst: float | None = None  # refine mode: route full the worst fraction by p and by a (quantiles)
+    light_next: float | None = None  # refine mode: route light the next fraction
+    write_report: bool = True  # write OUT/__grefine__/report.html at the end (not for the inner score pass)
 
 
 @dataclass
@@ -127,8 +133,10 @@ class JobSummary:
             f"under {self.out} ({self.shards_run} run now, {self.shards_skipped} already complete, "
             f"{len(self.shards_failed)} failed{f', {unfinished} unfinished' if unfinished > 0 else ''})",
             f"status: ok {self.status.get('ok', 0)}, error {self.status.get('error', 0)} "
-            f"(error rate {self.error_rate:.1%})" + (f"; routes: {routes}" if self.mode == "refine" else ""),
-            f"this run: {self.rows_this_run} rows ({self.units_run} work units) in {self.wall_s:.1f}s ({self.items_per_s:.1f} img/s after "
+            f"(error rate {self.error_rate:.1%})" + (f"; routes: {routes}" if self.mode == "refine" else
+                                                      f"; planned routes (a run would do): {routes}"),
+            f"this run: {self.rows_this_run} rows ({self.units_run} work units) in {self.wall_s:.1f}s "
+            f"({self.items_per_s:.1f} img/s after "
             f"{self.startup_s:.1f}s of start-up)",
             f"manifest: {self.manifest}",
         ]
@@ -164,6 +172,9 @@ def _check_options(cfg: JobConfig) -> None:
         bad(f"unit rows must be at least 1 when given (--unit-rows), got {cfg.unit_rows}")
     if not cfg.out:
         bad("an output directory is required (--out)")
+    if cfg.mode == "score" and (cfg.scores or cfg.refine_worst is not None or cfg.light_next is not None):
+        bad("--scores, --refine-worst and --light-next choose how `run` refines; a score run plans routes with the "
+            "preset's thresholds (its report shows the score quantiles)")
 
 
 def resolve_preset(cfg: JobConfig) -> Preset:
@@ -201,14 +212,28 @@ def run_job(cfg: JobConfig) -> JobSummary:
         raise InputError(f"the input has no rows ({len(shards)} shard(s) found, all empty: {names}): nothing to do")
     caps = _row_caps([s.num_rows for s in shards], cfg.limit)
     out_fs, out_root = resolve_fs(cfg.out)
+    migrate_legacy_layout(out_fs, out_root)  # before anything reads or writes OUT/__grefine__
     shrinks = find_shrinks(out_fs, out_root, shards, caps)  # a smaller --limit than OUT's finished rows
     keep = [i for i, (s, c) in enumerate(zip(shards, caps)) if c is None or c > 0]
     shards, caps = [shards[i] for i in keep], [caps[i] for i in keep]
+    # 3b. Thresholds and where the scores come from (--scores, --refine-worst, --light-next)
+    plan = None
+    if cfg.mode == "refine" and (cfg.scores or cfg.refine_worst is not None or cfg.light_next is not None):
+        from grefine_curate.pipelines.routing_plan import plan_routing
+
+        plan, stopped = plan_routing(cfg, preset, shards, caps)
+        if stopped is not None:
+            return stopped
+        preset = dataclasses.replace(preset, routing=plan.routing)
     # 4. Compare with OUT's manifest
     draft = preset.clip.image_size if (cfg.mode == "score" and cfg.draft_decode) else None
     rcfg = result_config(preset, cfg.mode, cfg.save_maps, cfg.keep_images, image_format,
                          {"image": cfg.image_column, "prompt": cfg.prompt_column, "id": cfg.id_column}, draft)
     rcfg["input_columns"] = cfg.input_columns
+    if cfg.mode == "score":
+        rcfg["planned_routes"] = True  # grefine_route / grefine_route_planned columns (older outputs lack them)
+    if plan is not None:
+        rcfg["scores_from"] = plan.audit.fingerprint  # the audit's config hash: its scores decide the routes
     fingerprint = config_hash(rcfg)
     check_config(out_fs, out_root, rcfg, cfg.force or not cfg.resume)  # --no-resume rewrites every row
     if shrinks and not cfg.force:
@@ -252,6 +277,8 @@ def run_job(cfg: JobConfig) -> JobSummary:
         "models": model_ids(preset, cfg.mode),
         "packages": package_versions(),
         "result_config": rcfg,
+        "routing": plan.info if plan is not None else {**describe_routing(preset.routing, None),
+                                                      "planned": cfg.mode == "score"},
         "job": _without_secrets(dataclasses.asdict(cfg)),
         "inputs": [{"shard": s.rel, "output": s.record_rel, "input": fs_uri(s.fs, s.path), "rows": s.num_rows,
                     "row_cap": c}
@@ -263,7 +290,9 @@ def run_job(cfg: JobConfig) -> JobSummary:
                           keep_images=cfg.keep_images, input_columns=cfg.input_columns, image_format=image_format,
                           max_pixels=preset.max_pixels,
                           draft_size=draft, decode_threads=cfg.decode_threads, seed=preset.seed,
-                          fingerprint=fingerprint)
+                          fingerprint=fingerprint, routing=preset.routing,
+                          scores_uri=plan.audit.uri if plan is not None else None,
+                          scores_maps=plan.audit.has_maps if plan is not None else False)
     spec = EngineSpec(preset=preset, mode=cfg.mode, models_dir=cfg.models_dir)
     todo_rows = sum(t.rows for t in tasks)
     progress = Progress(todo_rows, len(states) - skipped, quiet=cfg.quiet)
@@ -329,6 +358,11 @@ def run_job(cfg: JobConfig) -> JobSummary:
     else:
         state, code = "done", EXIT_OK
     notes = [limit_note] if limit_note else []
+    if plan is not None and plan.info.get("source") == "quantiles":
+        t = plan.info["thresholds"]
+        notes.append(f"thresholds from the scores (worst {plan.info['refine_worst']:.1%} full, next "
+                     f"{plan.info['light_next']:.1%} light): full when p < {t['light_p']:.4f} or a < {t['light_a']:.4f}; "
+                     f"skip when p >= {t['skip_p']:.4f} and a >= {t['skip_a']:.4f}")
     if code == EXIT_ERROR_RATE:
         notes.append(f"error rate {error_rate:.1%} is above --max-error-rate {cfg.max_error_rate:.1%}; "
                      f"the messages are in the {'grefine_error'} column")
@@ -355,7 +389,8 @@ def run_job(cfg: JobConfig) -> JobSummary:
                 "units_total": units_total, "adopted": adopted},
     })
     # 9. The HTML report: local outputs only (it embeds images read back from OUT); it never fails the job
-    summary.notes.append(_write_report(out_fs, out_root))
+    if cfg.write_report:
+        summary.notes.append(_write_report(out_fs, out_root))
     return summary
 
 

@@ -1,4 +1,4 @@
-"""Job state under OUT/_grefine: the manifest, the config fingerprint, and the resume decision.
+"""Job state under OUT/__grefine__: the manifest, the config fingerprint, and the resume decision.
 
 ``manifest.json`` records the resolved config and its hash, preset and model ids, package versions,
 counts per route and status, wall time and throughput. A rerun compares its own hash with the

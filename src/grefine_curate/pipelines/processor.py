@@ -38,7 +38,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-from grefine_curate.curate.config import Preset
+from grefine_curate.curate.config import Preset, RoutingConfig
 from grefine_curate.curate.errors import GRefineError, ImageError
 from grefine_curate.curate.images import decode_image, encode_image, map_to_png
 from grefine_curate.curate.results import ScoreResult
@@ -64,6 +64,9 @@ class ProcessOptions:
     decode_threads: int = 2  # CPU threads decoding images beside the model
     seed: int = 0  # global seed; an item's seed = item_seed(seed, item id)
     fingerprint: str = ""  # job config hash; stored in the marker, resume compares it
+    routing: RoutingConfig | None = None  # thresholds in force (None: the engine's preset); the job always sets it
+    scores_uri: str | None = None  # refine mode: take p, a, unmatched phrases from this audit (pipelines/audit.py)
+    scores_maps: bool = False  # the audit saved maps (copied to rows that are not scored again)
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,11 @@ class EngineSpec:
     models_dir: str | None = None
 
     def key(self) -> tuple[str, str | None]:
-        return (self.preset.hash(), self.models_dir)  # one engine serves both modes
+        # One engine serves both modes and any thresholds (the processor routes with opts.routing), so
+        # the two passes of quantile routing load the models once.
+        import dataclasses
+
+        return (dataclasses.replace(self.preset, routing=RoutingConfig()).hash(), self.models_dir)
 
 
 class ModelEngine:
@@ -226,6 +233,32 @@ def build_engine(spec: EngineSpec) -> Engine:
     return ModelEngine(spec)
 
 
+class LazyEngine:
+    """Builds the models on first use: a run reusing an audit that refines nothing never loads them."""
+
+    def __init__(self, build, seed: int):
+        self._build, self._engine, self.seed = build, None, seed
+
+    def get(self) -> Engine:
+        if self._engine is None:
+            self._engine = self._build()
+        return self._engine
+
+    def score(self, images, prompts):
+        return self.get().score(images, prompts)
+
+    def route(self, p, a):
+        return self.get().route(p, a)
+
+    def refine(self, requests):
+        return self.get().refine(requests)
+
+    def item_seed(self, item_id: str) -> int:
+        from grefine_curate.curate.refiner import item_seed
+
+        return item_seed(self.seed, item_id)
+
+
 # ---------------------------------------------------------------------------------------------
 # Items
 
@@ -251,6 +284,8 @@ class Item:
     aq_png: bytes | None = None  # --save-maps: 64x64 A
     sample: Any = None  # WebDataset input: the tar sample (members, in order)
     meta: dict[str, Any] | None = None  # WebDataset input: the sample's KEY.json object
+    prior: Any = None  # --scores: the audit's scores of this item (pipelines.audit.Prior)
+    needs_pixels: bool = True  # False: routed skip from the audit (or its error): never decoded
 
 
 def _clean_prompt(p: Any) -> str | None:
@@ -263,6 +298,8 @@ def _clean_prompt(p: Any) -> str | None:
 def _decode(item: Item, opts: ProcessOptions) -> Item:
     if item.source_error is not None:
         item.error = item.source_error
+        return item
+    if not item.needs_pixels:
         return item
     try:
         draft = (opts.draft_size, opts.draft_size) if opts.draft_size else None
@@ -311,20 +348,39 @@ def run_models(items: list[Item], engine: Engine, opts: ProcessOptions) -> None:
     if opts.mode == "refine":
         for it in items:  # every row gets its seed, error rows included: an int64 column without nulls
             it.seed = engine.item_seed(it.item_id)  # (pandas would read nulls as float64 and round it)
-    good = [it for it in items if it.error is None]
+    good = [it for it in items if it.error is None and it.needs_pixels]
 
     def set_score(it: Item, r: ScoreResult) -> None:
+        if it.prior is not None:  # scored again for its maps; the audit's p and a decided its route
+            from grefine_curate.pipelines.audit import with_prior
+
+            r = with_prior(r, it.prior)
         it.score = r
 
     _run_isolated(set_score, good, "scoring", lambda b: engine.score([i.image for i in b], [i.prompt for i in b]))
-    if opts.mode != "refine":
+
+    def route(it: Item) -> str:
+        if opts.routing is not None:
+            from grefine_curate.curate.routing import choose_route
+
+            return choose_route(it.score.p, it.score.a, opts.routing)
+        return engine.route(it.score.p, it.score.a)
+
+    if opts.mode != "refine":  # score mode: the route a run would take (planned, nothing refined)
+        for it in items:
+            if it.error is None and it.score is not None:
+                try:
+                    it.route = route(it)
+                except Exception as e:  # noqa: BLE001
+                    it.error = _error_text(it.item_id, "routing", e)
         return
     todo = []
     for it in items:
         if it.error is not None or it.score is None:
             continue
         try:
-            it.route = engine.route(it.score.p, it.score.a)
+            if it.route is None:  # set from the audit with --scores
+                it.route = route(it)
         except Exception as e:  # noqa: BLE001
             it.error = _error_text(it.item_id, "routing", e)
             continue
@@ -356,7 +412,7 @@ def encode_outputs(items: list[Item], kind: str, opts: ProcessOptions) -> None:
                     ext = split_member(it.sample.image.info.name)[1]
                     fmt = EXTENSION_FORMATS.get(f".{ext}", opts.image_format)
                 it.encoded = encode_image(it.refined if fmt != "JPEG" else it.refined.convert("RGB"), fmt)
-            if opts.save_maps:
+            if opts.save_maps and it.needs_pixels:  # else the audit's maps are already there
                 it.pq_png = map_png(it.score.pq.P)
                 it.aq_png = map_png(it.score.aq.A) if it.score.aq is not None else None
         except Exception as e:  # noqa: BLE001 - one bad item never fails its shard
@@ -382,8 +438,9 @@ def _score_columns(items: Sequence[Item], opts: ProcessOptions, refine: bool) ->
         C.STATUS: pa.array([C.STATUS_OK if k else C.STATUS_ERROR for k in ok], pa.string()),
         C.ERROR: pa.array([None if k else (it.error or "unknown error") for it, k in zip(items, ok)], pa.string()),
     }
-    if refine:
-        cols[C.ROUTE] = pa.array([it.route if k else None for it, k in zip(items, ok)], pa.string())
+    cols[C.ROUTE] = pa.array([it.route if k else None for it, k in zip(items, ok)], pa.string())
+    if not refine:  # score mode: the route is what a run would do with the thresholds in force
+        cols[C.ROUTE_PLANNED] = pa.array([True if k else None for k in ok], pa.bool_())
     cols[C.PQ_SCORE] = pa.array([float(it.score.p) if k else None for it, k in zip(items, ok)], pa.float32())
     cols[C.AQ_SCORE] = pa.array(
         [float(it.score.a) if k and it.score.a is not None else None for it, k in zip(items, ok)], pa.float32()
@@ -392,7 +449,8 @@ def _score_columns(items: Sequence[Item], opts: ProcessOptions, refine: bool) ->
         cols[C.PQ_SCORE_AFTER] = pa.array([it.p_after if k else None for it, k in zip(items, ok)], pa.float32())
         cols[C.AQ_SCORE_AFTER] = pa.array([it.a_after if k else None for it, k in zip(items, ok)], pa.float32())
     cols[C.UNMATCHED] = pa.array(
-        [list(it.score.aq.unmatched) if k and it.score.aq is not None else ([] if k else None)
+        [(list(it.prior.unmatched) if it.prior is not None else list(it.score.aq.unmatched))
+         if k and it.score.aq is not None else ([] if k else None)
          for it, k in zip(items, ok)],
         pa.list_(pa.string()),
     )
@@ -405,9 +463,9 @@ def _score_columns(items: Sequence[Item], opts: ProcessOptions, refine: bool) ->
 
 
 def _score_fields(opts: ProcessOptions, refine: bool) -> list[pa.Field]:
-    f = [pa.field(C.STATUS, pa.string()), pa.field(C.ERROR, pa.string())]
-    if refine:
-        f.append(pa.field(C.ROUTE, pa.string()))
+    f = [pa.field(C.STATUS, pa.string()), pa.field(C.ERROR, pa.string()), pa.field(C.ROUTE, pa.string())]
+    if not refine:
+        f.append(pa.field(C.ROUTE_PLANNED, pa.bool_()))
     f += [pa.field(C.PQ_SCORE, pa.float32()), pa.field(C.AQ_SCORE, pa.float32())]
     if refine:
         f += [pa.field(C.PQ_SCORE_AFTER, pa.float32()), pa.field(C.AQ_SCORE_AFTER, pa.float32())]
@@ -444,7 +502,8 @@ def output_schema(shard: Shard, input_schema: pa.Schema | None, opts: ProcessOpt
 def _hf_feature(t: pa.DataType) -> dict[str, Any]:
     if pa.types.is_list(t):
         return {"feature": _hf_feature(t.value_type), "_type": "Sequence"}
-    dtype = {pa.string(): "string", pa.float32(): "float32", pa.int64(): "int64", pa.binary(): "binary"}[t]
+    dtype = {pa.string(): "string", pa.float32(): "float32", pa.int64(): "int64", pa.binary(): "binary",
+             pa.bool_(): "bool"}[t]
     return {"dtype": dtype, "_type": "Value"}
 
 
@@ -650,11 +709,20 @@ def process_shard(task: ShardTask, engine: Engine, opts: ProcessOptions,
     status: Counter[str] = Counter()
     routes: Counter[str] = Counter()
     rows = 0
+    prior = None
+    if opts.scores_uri is not None and opts.mode == "refine":
+        from grefine_curate.pipelines.audit import PriorRows
+
+        prior = PriorRows(opts.scores_uri, shard.record_rel, opts.scores_maps, start=task.start)
+        routing = opts.routing
+        assert routing is not None, "--scores needs the thresholds in force (opts.routing)"
     pool = ThreadPoolExecutor(max_workers=max(1, opts.decode_threads), thread_name_prefix="grefine-decode")
     try:
         # 2. Decode one batch ahead of the model
         def submit(entry):
             raw_batch, items = entry
+            if prior is not None:  # audit scores and routes first: skip items are never decoded
+                prior.attach(items, routing, refine=True)
             return raw_batch, items, [pool.submit(_decode, it, opts) for it in items]
 
         it_batches = iter(batches)
@@ -705,6 +773,8 @@ def process_shard(task: ShardTask, engine: Engine, opts: ProcessOptions,
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        if prior is not None:
+            prior.close()
     if not task.part:
         write_atomic(task.out_fs, task.marker_path, json.dumps({**record, "finished_at": time.time()}, indent=1).encode())
     yield result

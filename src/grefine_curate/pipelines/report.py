@@ -1,6 +1,6 @@
 """`grefine-curate report OUT`: one self-contained HTML page about a curation job's output.
 
-Written at the end of every `run`/`score` (and on demand) as ``OUT/report.html``. Everything is
+Written at the end of every `run`/`score` (and on demand) as ``OUT/__grefine__/report.html``. Everything is
 inline, so the file can be mailed or opened offline: CSS in a <style> block, histograms as inline
 SVG, images as base64 JPEG thumbnails; no script, font or image is fetched from anywhere.
 
@@ -13,7 +13,7 @@ Sections (each an element with a fixed id, which the browser test checks):
     #worst       the N worst items (lowest p, then lowest a): original, PQ-map overlay (red = low
                  perceptual quality, 1 - P), AQ-map overlay (red = needs refinement, A), refined image
     #phrases     the most frequent unmatched phrases (AQ-Map defects)
-    #config      model ids, package versions and the resolved config, from OUT/_grefine/manifest.json
+    #config      model ids, package versions and the resolved config, from OUT/__grefine__/manifest.json
 
 Reading is two passes over the output shards: the scalar columns of every row first (cheap), then
 maps and images only for the rows shown, row group by row group.
@@ -41,6 +41,7 @@ from PIL import Image
 from grefine_curate.curate.errors import ImageError, InputError
 from grefine_curate.curate.images import decode_image
 from grefine_curate.pipelines import columns as C
+from grefine_curate.pipelines.layout import migrate_legacy_layout, report_path
 from grefine_curate.pipelines.sinks import read_json, write_atomic
 from grefine_curate.pipelines.sources import (
     IMAGE_COLUMN_CANDIDATES,
@@ -52,7 +53,6 @@ from grefine_curate.pipelines.sources import (
     safe_relpath,
 )
 
-REPORT_NAME = "report.html"
 THUMB = 176  # long side of the thumbnails, pixels
 HIST_BINS = 20
 N_PHRASES = 30
@@ -299,6 +299,14 @@ background:#f0f2f5;color:#6b7785;font-size:12px;border-radius:4px;padding:4px}
 table.worst td.meta{font-size:12px;max-width:260px;word-break:break-word}
 .badge{display:inline-block;padding:0 6px;border-radius:9px;background:#e6ecf3;font-size:11px}
 .bar{display:inline-block;height:10px;background:#6f9fd8;border-radius:2px;vertical-align:middle}
+.banner{background:#b3261e;color:#fff;padding:10px 24px;font-weight:600}
+form.filter{display:flex;flex-wrap:wrap;gap:10px;align-items:center}form.filter input[type=number]{width:70px}
+.tabs>input{display:none}.tabs>label{display:inline-block;padding:4px 12px;margin:0 4px 8px 0;border-radius:12px;background:#e6ecf3;cursor:pointer}.route-page{display:none}
+#tab-skip:checked+label{background:#1d2b3a;color:#fff}#tab-skip:checked~#route-skip{display:block}
+#tab-light:checked+label{background:#1d2b3a;color:#fff}#tab-light:checked~#route-light{display:block}
+#tab-full:checked+label{background:#1d2b3a;color:#fff}#tab-full:checked~#route-full{display:block}
+#tab-reverted:checked+label{background:#1d2b3a;color:#fff}#tab-reverted:checked~#route-reverted{display:block}
+table.items td{font-size:12px}.loc{word-break:break-all}
 .note{color:#6b7785;font-size:12px}pre{background:#f6f7f9;padding:8px;overflow:auto;max-height:480px;font-size:12px}
 """
 
@@ -307,15 +315,18 @@ table.worst td.meta{font-size:12px;max-width:260px;word-break:break-word}
 # The report
 
 
-def write_report(out_dir: str | Path, n_worst: int = 24) -> Path:
-    """Write ``OUT/report.html`` for the job output in ``out_dir`` and return its path.
+def write_report(out_dir: str | Path, n_worst: int = 24, n_best: int = 12, n_route: int = 12,
+                 n_table: int = 2000) -> Path:
+    """Write ``OUT/__grefine__/report.html`` for the job output in ``out_dir`` and return its path.
 
-    Raises InputError when ``out_dir`` holds no job manifest (``_grefine/manifest.json``).
+    Raises InputError when ``out_dir`` holds no job manifest (``__grefine__/manifest.json``).
     """
     # 1. Check inputs
-    if n_worst < 0:
-        raise ValueError(f"n_worst must be >= 0, got {n_worst}")
+    for name, v in (("n_worst", n_worst), ("n_best", n_best), ("n_route", n_route), ("n_table", n_table)):
+        if v < 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
     fs, root = resolve_fs(str(out_dir))
+    migrate_legacy_layout(fs, root)
     manifest = read_json(fs, join(root, f"{STATE_DIR}/manifest.json"))
     if manifest is None:
         raise InputError(
@@ -334,17 +345,21 @@ def write_report(out_dir: str | Path, n_worst: int = 24) -> Path:
         _summary(manifest, root, rows, shards, mode),
         _counts(rows, mode),
         _histograms(rows, cfg.get("routing") or {}, mode),
+        _filter(mode),
         _worst(fs, root, rows, shards, manifest, mode, n_worst),
+        _best(fs, root, rows, shards, manifest, mode, n_best),
+        _route_pages(fs, root, rows, shards, manifest, mode, n_route),
         _phrases(rows),
+        _all_items(rows, mode, manifest, n_table),
         _config(manifest),
     ]
     title = f"grefine-curate report: {posixpath.basename(root.rstrip('/')) or root}"
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{STYLE}</style></head><body>'
             f'<header><h1>{_e(title)}</h1><p>G-Refine curation: PQ-Map (perceptual quality p), AQ-Map (alignment a), '
-            f'routing and refinement</p></header><main>{"".join(body)}</main></body></html>')
+            f'routing and refinement</p></header>{_banner(manifest)}<main>{"".join(body)}</main></body></html>')
     # 4. Write it atomically
-    path = join(root, REPORT_NAME)
+    path = report_path(root)
     write_atomic(fs, path, page.encode("utf-8"))
     return Path(path)
 
@@ -359,11 +374,29 @@ def _summary(manifest: dict, root: str, rows: list[Row], shards: list[ShardInfo]
         ("rows", f"{len(rows)} in {len(shards)} output shard(s)"),
         ("throughput", f"{run.get('items_per_s', '-')} img/s over {run.get('wall_s', '-')} s "
                        f"({run.get('executor', '-')}, {run.get('workers', '-')} worker(s))" if run else "-"),
+        ("routing thresholds", _thresholds_line(manifest)),
         ("config hash", manifest.get("config_hash")),
         ("updated", manifest.get("updated_at")),
     ]
     trs = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v if v not in (None, '') else '-')}</td></tr>" for k, v in items)
     return f'<section id="summary"><h2>Summary</h2><table class="kv">{trs}</table></section>'
+
+
+def _thresholds_line(manifest: dict) -> str:
+    """The thresholds in force and where they came from (manifest "routing", else the resolved preset)."""
+    info = manifest.get("routing") or {}
+    t = info.get("thresholds") or (((manifest.get("result_config") or {}).get("preset") or {}).get("routing") or {})
+    if not t:
+        return "-"
+    nums = ", ".join(f"{k} {float(t[k]):.4f}" for k in ("light_p", "light_a", "skip_p", "skip_a") if k in t)
+    if info.get("source") == "quantiles":
+        how = (f"from this data set's scores: worst {float(info['refine_worst']):.1%} by p and by a full, next "
+               f"{float(info['light_next']):.1%} light")
+    else:
+        how = "the preset's fixed values"
+    src = f"; scores reused from {info['scores_from']}" if info.get("scores_from") else ""
+    planned = " (planned: a score run refines nothing)" if info.get("planned") else ""
+    return f"{nums} ({how}{src}){planned}"
 
 
 def _counts(rows: list[Row], mode: str) -> str:
@@ -383,6 +416,13 @@ def _counts(rows: list[Row], mode: str) -> str:
             f'<tr><td>{_e(k)}</td><td class="num" data-count="route:{_e(k)}">{routes.get(k, 0)}</td>'
             f'<td class="note">{meaning[k]}</td></tr>' for k in C.ROUTES)
         parts.append(f'<table id="route-counts"><tr><th>route</th><th>rows</th><th></th></tr>{rt}</table>')
+    elif routes:  # score mode: the routes a `run` would take with the thresholds in force (nothing refined)
+        meaning = {"skip": "would be kept as is", "light": "would get stage 2 only",
+                   "full": "would get stage 1 + stage 2"}
+        rt = "".join(
+            f'<tr><td>{_e(k)}</td><td class="num" data-count="planned:{_e(k)}">{routes.get(k, 0)}</td>'
+            f'<td class="note">{meaning[k]}</td></tr>' for k in ("skip", "light", "full"))
+        parts.append(f'<table id="route-counts"><tr><th>planned route</th><th>rows</th><th></th></tr>{rt}</table>')
     else:
         parts.append('<p class="note" id="route-counts">score mode: no routing or refinement.</p>')
     parts.append("</div>")
@@ -425,15 +465,39 @@ def _histograms(rows: list[Row], routing: dict, mode: str) -> str:
             "unchanged); dashed: routing thresholds (skip when p &ge; skip_p and a &ge; skip_a; full when "
             "p &lt; light_p or a &lt; light_a; light otherwise)." if refine else
             "scores of the input images; dashed: the routing thresholds a `run` would use.")
-    return f'<section id="histograms"><h2>Score distributions</h2><div class="hists">{"".join(svgs)}</div><p class="note">{note}</p></section>'
+    return (f'<section id="histograms"><h2>Score distributions</h2><div class="hists">{"".join(svgs)}</div>'
+            f'<p class="note">{note}</p>{_quantile_table(p_before, a_before)}</section>')
+
+
+def _ranked(rows: list[Row]) -> list[Row]:
+    """Scored rows, worst first: lowest p, then lowest a."""
+    ok = [r for r in rows if r.status == C.STATUS_OK and r.p is not None]
+    ok.sort(key=lambda r: (r.p, r.a if r.a is not None else math.inf))
+    return ok
+
+
+QUANTILES = (0.05, 0.10, 0.15, 0.20, 0.30, 0.50)
+
+
+def _quantile_table(p: list[float], a: list[float]) -> str:
+    """The thresholds `run --refine-worst F` would choose, for a few F (scores before refinement)."""
+    if not p:
+        return ""
+    from grefine_curate.pipelines.thresholds import threshold_at
+
+    pv, av = np.asarray(p), np.asarray(a)
+    head = "".join(f"<th>{f:.0%}</th>" for f in QUANTILES)
+    rows = [f'<tr><td>p</td>{"".join(f"<td class=num>{threshold_at(pv, f):.4f}</td>" for f in QUANTILES)}</tr>']
+    if len(av):
+        rows.append(f'<tr><td>a</td>{"".join(f"<td class=num>{threshold_at(av, f):.4f}</td>" for f in QUANTILES)}</tr>')
+    return (f'<table id="quantiles"><tr><th>worst fraction F</th>{head}</tr>{"".join(rows)}</table>'
+            '<p class="note">the scores below which the worst fraction F of the items lie: the light_p / light_a '
+            "thresholds that <code>run --refine-worst F</code> would choose (and skip_p / skip_a for F + G).</p>")
 
 
 def _worst(fs: pafs.FileSystem, root: str, rows: list[Row], shards: list[ShardInfo], manifest: dict, mode: str,
            n_worst: int) -> str:
-    ok = [r for r in rows if r.status == C.STATUS_OK and r.p is not None]
-    ok.sort(key=lambda r: (r.p, r.a if r.a is not None else math.inf))
-    chosen = ok[:n_worst]
-    by_rel = {s.rel: s for s in shards}
+    chosen = _ranked(rows)[:n_worst]
     has_maps = any(C.PQ_MAP in s.names for s in shards)
     head = (f'<section id="worst"><h2>The {len(chosen)} worst items</h2><p class="note">Lowest p first, then lowest a. '
             "PQ overlay: red where perceptual quality is low (1 - P). AQ overlay: red where the image needs "
@@ -442,7 +506,56 @@ def _worst(fs: pafs.FileSystem, root: str, rows: list[Row], shards: list[ShardIn
         head += '<p class="note" id="maps-note">No maps in this output: run with --save-maps to see maps.</p>'
     if not chosen:
         return head + '<p class="note">no scored items.</p></section>'
-    # Fetch maps and images for the chosen rows only, grouped per shard.
+    return head + _gallery(fs, root, chosen, shards, manifest, mode) + "</section>"
+
+
+def _best(fs: pafs.FileSystem, root: str, rows: list[Row], shards: list[ShardInfo], manifest: dict, mode: str,
+          n_best: int) -> str:
+    chosen = _ranked(rows)[::-1][:n_best] if n_best else []
+    head = (f'<section id="best"><h2>The {len(chosen)} best items</h2><p class="note">Highest p first, then highest a: '
+            "what the data set's good end looks like.</p>")
+    if not chosen:
+        return head + '<p class="note">no scored items.</p></section>'
+    return head + _gallery(fs, root, chosen, shards, manifest, mode) + "</section>"
+
+
+def _route_pages(fs: pafs.FileSystem, root: str, rows: list[Row], shards: list[ShardInfo], manifest: dict, mode: str,
+                 n_route: int) -> str:
+    """One tab per route (pure CSS: radio buttons), each with its worst items."""
+    ranked = _ranked(rows)
+    names = list(C.ROUTES) if mode == "refine" else ["skip", "light", "full"]
+    word = "route" if mode == "refine" else "planned route"
+    tabs, pages = [], []
+    for k, name in enumerate(names):
+        members = [r for r in ranked if r.route == name]
+        chosen = members[:n_route]
+        tabs.append(f'<input type="radio" name="route-tab" id="tab-{name}"{" checked" if k == 0 else ""}>'
+                    f'<label for="tab-{name}">{_e(name)} ({len(members)})</label>')
+        body = (_gallery(fs, root, chosen, shards, manifest, mode) if chosen else
+                f'<p class="note">no item has {word} {_e(name)}.</p>')
+        pages.append(f'<div class="route-page" id="route-{name}" data-route-page="{_e(name)}"><p class="note">'
+                     f"{word} {_e(name)}: {len(members)} items; the {len(chosen)} worst shown.</p>{body}</div>")
+    return (f'<section id="routes"><h2>Items per {word}</h2><div class="tabs">{"".join(tabs)}'
+            f'{"".join(pages)}</div></section>')
+
+
+def _location(r: Row, mode: str, manifest: dict) -> str:
+    """Where the item's final image is, relative to OUT (so a curator can find it)."""
+    rc = manifest.get("result_config") or {}
+    if r.source:
+        if mode == "refine" or rc.get("keep_images"):
+            return f"images/{safe_relpath(r.source)} (scores: {r.shard} row {r.index})"
+        return f"{r.shard} row {r.index} (image: {r.source} in the input folder)"
+    if mode == "refine" or rc.get("keep_images"):
+        return f"{r.shard} row {r.index}"
+    return f"{r.shard} row {r.index} (image: the same row of the input shard)"
+
+
+def _gallery(fs: pafs.FileSystem, root: str, chosen: list[Row], shards: list[ShardInfo], manifest: dict,
+             mode: str) -> str:
+    """Item rows with original, PQ overlay, AQ overlay and refined image; pictures read for these rows only."""
+    by_rel = {s.rel: s for s in shards}
+    has_maps = any(C.PQ_MAP in s.names for s in shards)
     pics: dict[tuple[str, int], dict[str, Any]] = {(r.shard, r.index): {} for r in chosen}
     for rel in sorted({r.shard for r in chosen}):
         shard = by_rel[rel]
@@ -471,14 +584,95 @@ def _worst(fs: pafs.FileSystem, root: str, rows: list[Row], shards: list[ShardIn
                 + (f'<br><span class="badge">{_e(r.route)}</span>' if r.route else "")
                 + (f"<br>{_e(r.prompt)}" if r.prompt else "")
                 + (f'<br><span class="note">unmatched: {_e(", ".join(r.unmatched))}</span>' if r.unmatched else "")
+                + f'<br><span class="note loc">in OUT: {_e(_location(r, mode, manifest))}</span>'
                 + "</td>")
         trs.append(
-            f'<tr class="item" data-item="{_e(r.item_id)}">{meta}'
+            f'<tr class="item" {_filter_attrs(r)}>{meta}'
             + _img_cell(base, "original", "original not available")
             + _img_cell(pq_img, "pq", no_map if not has_maps else "no map")
             + _img_cell(aq_img, "aq", aq_missing)
             + _img_cell(ref_img, "refined", ref_missing) + "</tr>")
-    return head + f'<table class="worst">{"".join(trs)}</table></section>'
+    return f'<table class="worst">{"".join(trs)}</table>'
+
+
+def _filter_attrs(r: Row) -> str:
+    """What the filter script reads from an item row."""
+    return (f'data-item="{_e(r.item_id)}" data-p="{"" if r.p is None else r.p}" data-a="{"" if r.a is None else r.a}" '
+            f'data-route="{_e(r.route or "")}" data-phrases="{_e(chr(31).join(r.unmatched))}" '
+            f'data-text="{_e(((r.prompt or "") + " " + " ".join(r.unmatched)).lower())}"')
+
+
+def _all_items(rows: list[Row], mode: str, manifest: dict, n_table: int) -> str:
+    """A text-only table of items (worst first, up to n_table) that the filter also searches."""
+    ranked = _ranked(rows)
+    shown = ranked[:n_table]
+    trs = ['<tr><th>item</th><th>p</th><th>a</th>' + ('<th>p after</th><th>a after</th>' if mode == "refine" else "")
+           + '<th>route</th><th>unmatched phrases</th><th>in OUT</th></tr>']
+    for r in shown:
+        trs.append(f'<tr class="item" {_filter_attrs(r)}><td>{_e(r.item_id)}</td><td class="num">{_f(r.p)}</td>'
+                   f'<td class="num">{_f(r.a)}</td>'
+                   + (f'<td class="num">{_f(r.p_after)}</td><td class="num">{_f(r.a_after)}</td>' if mode == "refine" else "")
+                   + f'<td>{_e(r.route or "-")}</td><td>{_e(", ".join(r.unmatched))}</td>'
+                   f'<td class="note">{_e(_location(r, mode, manifest))}</td></tr>')
+    note = (f"all {len(ranked)} scored items" if len(shown) == len(ranked) else
+            f"the {len(shown)} worst of {len(ranked)} scored items (report --table-rows N for more)")
+    return (f'<section id="items"><h2>Items</h2><p class="note">{note}, worst first; the filter above applies.</p>'
+            f'<table class="items">{"".join(trs)}</table></section>')
+
+
+FILTER_HTML = """<section id="filter"><h2>Filter</h2><form class="filter" onsubmit="return false">
+<label>phrase or prompt text <input id="f-text" type="search" placeholder="e.g. red sofa"></label>
+<label>p from <input id="f-pmin" type="number" step="0.01" min="0" max="1"></label>
+<label>to <input id="f-pmax" type="number" step="0.01" min="0" max="1"></label>
+<label>a from <input id="f-amin" type="number" step="0.01" min="0" max="1"></label>
+<label>to <input id="f-amax" type="number" step="0.01" min="0" max="1"></label>
+<label>route <select id="f-route"><option value="">any</option>%s</select></label>
+<span class="note" id="f-count"></span></form>
+<p class="note">Applies to every item shown on this page (galleries, route pages and the item table).
+An item without a prompt has no a: a range on a hides it.</p></section>
+<script>
+(function () {
+  const ids = ["f-text", "f-pmin", "f-pmax", "f-amin", "f-amax", "f-route"];
+  const num = id => { const v = document.getElementById(id).value; return v === "" ? null : Number(v); };
+  function apply() {
+    const text = document.getElementById("f-text").value.trim().toLowerCase();
+    const route = document.getElementById("f-route").value;
+    const pmin = num("f-pmin"), pmax = num("f-pmax"), amin = num("f-amin"), amax = num("f-amax");
+    let shown = 0, total = 0;
+    document.querySelectorAll("tr.item").forEach(tr => {
+      const d = tr.dataset, p = d.p === "" ? null : Number(d.p), a = d.a === "" ? null : Number(d.a);
+      let ok = (!text || d.text.includes(text)) && (!route || d.route === route);
+      if (pmin !== null) ok = ok && p !== null && p >= pmin;
+      if (pmax !== null) ok = ok && p !== null && p <= pmax;
+      if (amin !== null) ok = ok && a !== null && a >= amin;
+      if (amax !== null) ok = ok && a !== null && a <= amax;
+      tr.style.display = ok ? "" : "none";
+      total += 1; shown += ok ? 1 : 0;
+    });
+    document.getElementById("f-count").textContent = shown + " of " + total + " item rows shown";
+  }
+  ids.forEach(id => document.getElementById(id).addEventListener("input", apply));
+  document.addEventListener("DOMContentLoaded", apply);  // the item tables come after this script
+})();
+</script>"""
+
+
+def _filter(mode: str) -> str:
+    names = C.ROUTES if mode == "refine" else ("skip", "light", "full")
+    return FILTER_HTML % "".join(f'<option value="{n}">{n}</option>' for n in names)
+
+
+def _banner(manifest: dict) -> str:
+    """A warning when the scores come from random weights (the tiny preset, or refiner.random_weights)."""
+    models = manifest.get("models") or {}
+    preset = (manifest.get("result_config") or {}).get("preset") or {}
+    clip_random = str(models.get("clip", "")).endswith("/random")
+    refiner_random = bool((preset.get("refiner") or {}).get("random_weights")) or preset.get("name") == "tiny"
+    if not (clip_random or refiner_random):
+        return ""
+    what = "scores, maps and routes" if clip_random else "refined images"
+    return (f'<div class="banner" id="random-weights">Random weights: the {what} of this run come from models with '
+            f"random weights (preset {_e(manifest.get('preset'))}); they carry no quality meaning.</div>")
 
 
 def _refined_cell(r: Row, data: bytes | None, mode: str) -> tuple[Image.Image | None, str]:

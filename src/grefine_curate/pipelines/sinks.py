@@ -29,7 +29,7 @@ FLUSH_BYTES = 64 << 20  # ... or this many bytes, whichever comes first (bounds 
 
 
 def marker_path(out_root: str, rel: str) -> str:
-    """Completion marker of one output shard: OUT/_grefine/shards/<rel>.json."""
+    """Completion marker of one output shard: OUT/__grefine__/shards/<rel>.json."""
     return join(out_root, f"{STATE_DIR}/shards/{rel}.json")
 
 

@@ -37,7 +37,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 log = logging.getLogger(__name__)
 TMP_MARK = ".grefine-tmp-"  # temporary output files carry this in their name (never read as input)
-STATE_DIR = "_grefine"  # job state under OUT: manifest, shard markers
+STATE_DIR = "__grefine__"  # job state and report under OUT; data readers skip '__' names (pipelines/layout.py)
+LEGACY_STATE_DIR = "_grefine"  # where outputs of earlier versions kept it (still never read as input)
 
 
 @dataclass(frozen=True)
@@ -127,18 +128,20 @@ def safe_relpath(rel: str) -> str:
 
 
 def is_hidden_or_state(rel: str) -> bool:
-    """Hidden files (".x"), our job state (_grefine/) and our temporaries are never input data."""
-    return any(p.startswith(".") or p == STATE_DIR for p in rel.split("/")) or TMP_MARK in rel
+    """Hidden files (".x"), our job state (__grefine__/, formerly _grefine/) and our temporaries are never input data."""
+    return any(p.startswith(".") or p in (STATE_DIR, LEGACY_STATE_DIR) for p in rel.split("/")) or TMP_MARK in rel
 
 
 def _without_nested_outputs(infos: list, root: str) -> list:
-    """Drop the outputs of earlier jobs written inside an input folder (they hold _grefine/manifest.json).
+    """Drop the outputs of earlier jobs written inside an input folder (they hold __grefine__/manifest.json).
 
     Reading them back would mix our own score files into the data. The input folder itself may be
     an earlier output (chaining jobs is fine); only nested ones are skipped, with a warning.
     """
-    marker = f"/{STATE_DIR}/manifest.json"
-    nested = {i.path[: -len(marker)] for i in infos if i.path.endswith(marker)}
+    nested = set()
+    for state in (STATE_DIR, LEGACY_STATE_DIR):
+        marker = f"/{state}/manifest.json"
+        nested |= {i.path[: -len(marker)] for i in infos if i.path.endswith(marker)}
     nested.discard(root.rstrip("/"))
     for r in sorted(nested):
         log.warning("skipping %s: it is the output of an earlier grefine-curate job (it holds %s/manifest.json); "
