@@ -214,3 +214,15 @@ def test_a_file_that_cannot_be_assembled_fails_alone_and_keeps_its_parts(tmp_pat
     monkeypatch.undo()
     again = run_job(_cfg(tmp_path / "in", tmp_path / "out", unit_rows=4))
     assert again.exit_code == 0 and again.units_run == 0 and again.shards_run == 1  # assembled from its parts
+
+
+def test_scores_from_an_audit_line_up_with_units_past_the_first(tmp_path):
+    """--scores takes the audit's rows in step with the input: a unit starting at row k takes rows k..."""
+    _big_shard(tmp_path / "in" / "big.parquet", n=12, group=4)
+    audit = run_job(_cfg(tmp_path / "in", tmp_path / "audit", unit_rows=4))
+    assert audit.exit_code == 0 and audit.units_run == 3
+    s = run_job(_cfg(tmp_path / "in", tmp_path / "out", mode="refine", unit_rows=4, scores=str(tmp_path / "audit")))
+    assert s.exit_code == 0 and s.units_run == 3, s.lines()  # an audit row out of step is an InputError
+    a = pq.read_table(tmp_path / "audit" / "big.parquet")
+    b = pq.read_table(tmp_path / "out" / "big.parquet")
+    assert b.column(C.PQ_SCORE).to_pylist() == a.column(C.PQ_SCORE).to_pylist()  # each row got its own scores

@@ -119,7 +119,7 @@ def test_score_mode_writes_only_the_sidecar_and_input_sidecars_are_not_input(tmp
     assert not (tmp_path / "out" / "00000.tar").exists()
     side = pq.read_table(tmp_path / "out" / "00001.parquet")
     assert side.column(C.KEY).to_pylist() == [f"{i:09d}" for i in range(4, 7)]
-    assert C.ROUTE not in side.column_names
+    assert side.column(C.STATUS).to_pylist() == ["ok"] * 3 and side.column(C.PQ_SCORE).null_count == 0
 
 
 def bad_members() -> list[tuple[str, bytes]]:
