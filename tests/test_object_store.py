@@ -102,15 +102,15 @@ def test_parquet_and_webdataset_from_s3_to_s3(bucket, tmp_path):
     # WebDataset: a tar on S3 in, the tar and its sidecar on S3 out
     write_tar(str(tmp_path / "wds" / "00000.tar"), good_members(4))
     _upload(fs, str(tmp_path / "wds" / "00000.tar"), f"{name}/in/wds/00000.tar")
-    w = run_job(_cfg(f"s3://{name}/in/wds", f"s3://{name}/out/wds", mode="refine"))
-    assert w.exit_code == 0 and w.rows == 4, w.lines()
+    w = run_job(_cfg(f"s3://{name}/in/wds", f"s3://{name}/out/wds", mode="refine", unit_rows=2))
+    assert w.exit_code == 0 and w.rows == 4 and w.units_run == 2, w.lines()  # units start mid-tar on S3
     side = _read_parquet(fs, f"{name}/out/wds/00000.parquet")
     assert side.column(C.KEY).to_pylist() == [f"{i:09d}" for i in range(4)]
     with fs.open_input_stream(f"{name}/out/wds/00000.tar") as f:
         names = [m.name for m in tarfile.open(fileobj=io.BytesIO(f.read())).getmembers()]
     assert names[:2] == ["000000000.jpg", "000000000.txt"] and "000000000.json" in names
     # rerun: everything complete, nothing recomputed
-    again = run_job(_cfg(f"s3://{name}/in/wds", f"s3://{name}/out/wds", mode="refine"))
+    again = run_job(_cfg(f"s3://{name}/in/wds", f"s3://{name}/out/wds", mode="refine", unit_rows=2))
     assert again.shards_skipped == 1 and again.units_run == 0
 
 

@@ -204,3 +204,21 @@ def test_samples_stream_in_order_with_a_stop(tmp_path):
     keys = [s.key for s in iter_samples(fs, path, stop=3)]
     assert keys == ["000000000", "000000001", "000000002"]
     assert discover([str(tmp_path / "a.tar")])[0].num_rows == 5
+
+
+def test_a_tar_in_units_gives_the_same_tar_and_sidecar_as_one_unit(tmp_path):
+    write_tar(tmp_path / "in" / "00000.tar", good_members(7))
+    whole = run_job(_cfg(tmp_path / "in", tmp_path / "whole", unit_rows=1000))
+    split = run_job(_cfg(tmp_path / "in", tmp_path / "split", unit_rows=3))  # units on batch boundaries (3)
+    assert whole.exit_code == 0 and split.exit_code == 0, split.lines()
+    assert (whole.units_run, split.units_run) == (1, 3)
+    assert _read_tar(tmp_path / "split" / "00000.tar") == _read_tar(tmp_path / "whole" / "00000.tar")
+    a, b = (pq.read_table(tmp_path / d / "00000.parquet") for d in ("whole", "split"))
+    assert b.to_pylist() == a.to_pylist()
+    marker = json.loads((tmp_path / "split" / "__grefine__" / "shards" / "00000.tar.json").read_text())
+    assert [(u["start"], u["stop"]) for u in marker["units"]] == [(0, 3), (3, 6), (6, 7)]
+    assert marker["companions"] == {"00000.tar": os.path.getsize(tmp_path / "split" / "00000.tar")}
+    assert not (tmp_path / "split" / "__grefine__" / "units").exists() or not any(
+        (tmp_path / "split" / "__grefine__" / "units").rglob("*.*"))
+    again = run_job(_cfg(tmp_path / "in", tmp_path / "split", unit_rows=3))
+    assert again.shards_skipped == 1 and again.units_run == 0

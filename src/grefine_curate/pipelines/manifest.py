@@ -129,7 +129,7 @@ class ShardState:
     adopted: bool = False  # complete output found without its marker: adopted from its footer record
 
 
-def _companions_present(fs: pafs.FileSystem, out_root: str, rec: dict[str, Any]) -> bool:
+def companions_present(fs: pafs.FileSystem, out_root: str, rec: dict[str, Any]) -> bool:
     """Files an output's record vouches for beside itself (a WebDataset tar beside its sidecar), same size."""
     for rel, size in (rec.get("companions") or {}).items():
         info = fs.get_file_info(join(out_root, rel))
@@ -151,12 +151,12 @@ def shard_states(fs: pafs.FileSystem, out_root: str, shards: list[Shard], caps: 
             marker is not None
             and all(marker.get(k) == v for k, v in expect.items())
             and fs.get_file_info(join(out_root, shard.record_rel)).type == pafs.FileType.File
-            and _companions_present(fs, out_root, marker)
+            and companions_present(fs, out_root, marker)
         )
         adopted = False
         if resume and not ok:
             rec, rows = read_record(fs, join(out_root, shard.record_rel))
-            if record_matches(rec, rows, **expect) and _companions_present(fs, out_root, rec):
+            if record_matches(rec, rows, **expect) and companions_present(fs, out_root, rec):
                 write_atomic(fs, marker_path(out_root, shard.rel),
                              json.dumps({**rec, "adopted_at": time.time()}, indent=1).encode())
                 marker, ok, adopted = rec, True, True

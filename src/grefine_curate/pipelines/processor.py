@@ -121,6 +121,7 @@ class ShardResult:
     part: bool = False  # a unit's part (the shard's output comes when its last unit lands)
     node_id: str | None = None  # Ray node that processed it (None: in-process)
     attempt: int = 1
+    companions: dict[str, int] | None = None  # files it vouches for beside its output (a tar unit's part tar)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -632,9 +633,12 @@ def _folder_batches(task: ShardTask, batch_size: int) -> Iterator[tuple[None, li
 def _tar_batches(task: ShardTask, batch_size: int) -> Iterator[tuple[None, list[Item]]]:
     shard = task.shard
     batch: list[Item] = []
-    # A tar is one unit: read to its end (or --limit), not to the header count taken at discovery, so
-    # that no sample can be left out if the two passes ever disagree.
-    for sample in iter_samples(shard.fs, shard.path, stop=task.row_cap):
+    # The last unit reads to the tar's end (or --limit), not to the header count taken at discovery,
+    # so that no sample can be left out if the two passes ever disagree.
+    last = task.end >= shard.num_rows
+    stop = task.row_cap if last else task.end
+    offset = shard.tar_offsets[task.start] if task.start else 0
+    for sample in iter_samples(shard.fs, shard.path, stop=stop, start=task.start, offset=offset):
         if sample.index < task.start:
             continue
         prompt, meta, json_error = sample_prompt(sample)
@@ -704,8 +708,9 @@ def process_shard(task: ShardTask, engine: Engine, opts: ProcessOptions,
     writer = ShardWriter(task.out_fs, task.output_path, schema)
     tar_out = None
     if shard.kind == "tar" and opts.mode == "refine":  # score mode writes only the sidecar
-        assert not task.part, "a tar is one work unit"
-        tar_out = TarSink(task.out_fs, join(task.out_root, shard.rel))
+        # a whole tar writes the mirrored tar; a unit writes a part tar beside its part sidecar
+        tar_path = task.output_path[: -len(".parquet")] + ".tar" if task.part else join(task.out_root, shard.rel)
+        tar_out = TarSink(task.out_fs, tar_path)
     status: Counter[str] = Counter()
     routes: Counter[str] = Counter()
     rows = 0
@@ -764,7 +769,8 @@ def process_shard(task: ShardTask, engine: Engine, opts: ProcessOptions,
                              attempt=task.attempt)
         record = commit_record(task, result, opts)
         if tar_out is not None:  # the tar first: the sidecar's record vouches for it (name and size)
-            record["companions"] = {shard.rel: tar_out.commit()}
+            result.companions = {tar_path[len(task.out_root.rstrip("/")) + 1 :]: tar_out.commit()}
+            record["companions"] = result.companions
         writer.commit(record)
     except BaseException:
         writer.abort()

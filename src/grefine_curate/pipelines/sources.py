@@ -72,6 +72,7 @@ class Shard:
     id_column: str | None = None
     items: list[FolderItem] = field(default_factory=list)  # folder only
     row_groups: tuple[int, ...] = ()  # parquet only: rows per row group (work units are whole row groups)
+    tar_offsets: tuple[int, ...] = ()  # tar only: byte offset of each sample's first header (units start there)
 
     @property
     def label(self) -> str:
@@ -276,10 +277,11 @@ def _is_binary(t: pa.DataType) -> bool:
 
 
 def _tar_shard(fs: pafs.FileSystem, info: pafs.FileInfo, rel: str) -> Shard:
-    from grefine_curate.pipelines.tar_shards import count_samples
+    from grefine_curate.pipelines.tar_shards import sample_offsets
 
-    return Shard(kind="tar", fs=fs, path=info.path, rel=rel, num_rows=count_samples(fs, info.path),
-                 source_key=f"{info.size}:{info.mtime_ns}")
+    offsets = tuple(sample_offsets(fs, info.path))
+    return Shard(kind="tar", fs=fs, path=info.path, rel=rel, num_rows=len(offsets),
+                 source_key=f"{info.size}:{info.mtime_ns}", tar_offsets=offsets)
 
 
 def _is_tar(path: str) -> bool:

@@ -14,6 +14,9 @@ path with ``.parquet`` for ``.tar`` (``00000.tar`` -> ``00000.parquet``, as img2
 row per sample with a ``key`` column and the scores. Score mode writes only the sidecar. The
 sidecar's footer carries the commit record, which names the tar and its size.
 
+Work units (units.py) cut a tar into runs of samples: ``sample_offsets`` records where each sample's
+first header starts, a unit starts reading there, and ``concat_tars`` joins the units' part tars.
+
 Bad input never drops a sample: a truncated member, a sample without an image, a duplicate key, a
 member name that would leave its folder (``../``, absolute) are error rows naming the member. A
 ``.tar`` that is not a tar at all is refused before any work (exit 2).
@@ -29,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from grefine_curate.curate.errors import InputError
@@ -75,8 +79,13 @@ class Sample:
         return next((m for m in self.members if split_member(m.info.name)[1] == ext), None)
 
 
-def _open_tar_stream(fs: pafs.FileSystem, path: str):
-    stream = fs.open_input_stream(path, buffer_size=READ_BLOCK)
+def _open_tar_stream(fs: pafs.FileSystem, path: str, offset: int = 0):
+    if offset:  # a work unit past the first: start at its first sample's header, then read ahead in blocks
+        raw = fs.open_input_file(path)
+        raw.seek(offset)
+        stream = pa.BufferedInputStream(raw, READ_BLOCK)
+    else:
+        stream = fs.open_input_stream(path, buffer_size=READ_BLOCK)
     try:
         # "r|": strictly sequential, one member in memory at a time (never the whole tar)
         return stream, tarfile.open(fileobj=stream, mode="r|")
@@ -86,13 +95,20 @@ def _open_tar_stream(fs: pafs.FileSystem, path: str):
 
 
 def count_samples(fs: pafs.FileSystem, path: str) -> int:
-    """Samples in a tar, from its headers (metadata pass at discovery; raises InputError for a non-tar).
+    """Samples in a tar (see ``sample_offsets``)."""
+    return len(sample_offsets(fs, path))
+
+
+def sample_offsets(fs: pafs.FileSystem, path: str) -> list[int]:
+    """Byte offset of each sample's first header, from the tar's headers (metadata pass at discovery;
+    raises InputError for a non-tar). A work unit of samples [k, m) starts reading at offset k.
 
     On a local disk it seeks over member data and reads only the headers. On an object store a seek
     is a new ranged request (one per member: latency-bound, minutes for a 10,000-sample tar), so
     there it reads the tar once as a sequential stream in large blocks instead (bandwidth-bound).
     """
-    n, last = 0, None
+    offsets: list[int] = []
+    last = None
     local = isinstance(fs, pafs.LocalFileSystem)
     try:
         with (fs.open_input_file(path) if local else fs.open_input_stream(path, buffer_size=READ_BLOCK)) as f:
@@ -109,19 +125,23 @@ def count_samples(fs: pafs.FileSystem, path: str) -> int:
                     continue
                 key = split_member(ti.name)[0]
                 if key != last:
-                    n, last = n + 1, key
+                    offsets.append(ti.offset)  # the first header of the sample (extended headers included)
+                    last = key
     except (tarfile.TarError, OSError, EOFError) as e:
         raise InputError(f"{path}: not a readable tar file ({e}); remove it from the input or repair it") from e
-    return n
+    return offsets
 
 
-def iter_samples(fs: pafs.FileSystem, path: str, stop: int | None = None) -> Iterator[Sample]:
-    """The samples of a tar, streamed in order (at most ``stop``). A member that cannot be read makes its
-    sample an error row; a tar cut short ends after that sample (nothing after it can be read)."""
-    stream, tf = _open_tar_stream(fs, path)
+def iter_samples(fs: pafs.FileSystem, path: str, stop: int | None = None, start: int = 0,
+                 offset: int = 0) -> Iterator[Sample]:
+    """The samples of a tar, streamed in order: from sample ``start`` (whose first header is at byte
+    ``offset``, see ``sample_offsets``) up to sample ``stop`` (None: the end). A member that cannot be
+    read makes its sample an error row; a tar cut short ends after that sample. Duplicate keys are
+    found within what is read (a work unit's samples)."""
+    stream, tf = _open_tar_stream(fs, path, offset)
     seen: dict[str, int] = {}
     cur: Sample | None = None
-    n = 0
+    n = start
     try:
         while True:
             try:
@@ -241,3 +261,21 @@ class TarSink:
         except Exception:  # noqa: BLE001 - best effort on the way out
             pass
         try_delete(self.fs, self.tmp)
+
+
+def concat_tars(fs: pafs.FileSystem, parts: list[str], dest: str) -> int:
+    """One tar from the parts written by a tar's work units, member by member in order (streamed, bytes
+    unchanged); written under a temporary name and renamed. Returns its size."""
+    sink = TarSink(fs, dest)
+    try:
+        for part in parts:
+            with fs.open_input_stream(part, buffer_size=READ_BLOCK) as f:
+                tf = tarfile.open(fileobj=f, mode="r|")
+                for ti in tf:
+                    data = tf.extractfile(ti).read() if ti.isfile() else b""
+                    sink._add(ti, data)
+                    tf.members.clear()
+    except BaseException:
+        sink.abort()
+        raise
+    return sink.commit()

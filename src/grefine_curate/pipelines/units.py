@@ -2,9 +2,9 @@
 
 A Parquet shard is cut into units of whole row groups of about ``unit_rows`` rows (a unit never
 splits a row group: it is read with ``iter_batches(row_groups=...)``, so no worker decodes rows it
-does not own); an image-folder shard into runs of ``unit_rows`` images. A WebDataset tar is one unit
-(its members can only be reached by streaming through it). Units are scheduled over all workers,
-largest first, so one big file keeps every GPU busy.
+does not own); an image-folder shard and a WebDataset tar into runs of ``unit_rows`` images/samples
+(a tar unit starts reading at its first sample's header offset, recorded at discovery). Units are
+scheduled over all workers, largest first, so one big file keeps every GPU busy.
 
 A shard of one unit writes its output file directly (as before units existed). A shard of several
 units has each unit write a *part* under ``OUT/_grefine/units/<output>/<start>-<stop>.parquet``,
@@ -12,7 +12,8 @@ committed on its own (temporary name, footer with its commit record, rename): a 
 never recomputed, even after ``kill -9``. When the last unit of a shard lands, the driver
 concatenates the parts (row group by row group: Parquet pages are re-compressed, image bytes are
 copied, never re-encoded) into the output at the shard's relative path, writes its marker and
-deletes the parts. The output contract is unchanged: one output per input, every row exactly once,
+deletes the parts (a tar's part tars are concatenated member by member into its tar first). The
+output contract is unchanged: one output per input, every row exactly once,
 in input order, every input column kept.
 """
 
@@ -29,9 +30,11 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from grefine_curate.pipelines.manifest import companions_present
 from grefine_curate.pipelines.records import encode_record, read_record, record_matches
 from grefine_curate.pipelines.sinks import marker_path, tmp_name, try_delete, write_atomic
 from grefine_curate.pipelines.sources import STATE_DIR, Shard, join
+from grefine_curate.pipelines.tar_shards import concat_tars
 
 if TYPE_CHECKING:  # processor imports this module: no import cycle at run time
     from grefine_curate.pipelines.processor import ShardResult, ShardTask
@@ -79,9 +82,9 @@ def plan_units(shard: Shard, row_cap: int | None, unit_rows: int) -> list[Unit]:
         if groups and start < end:
             units.append(Unit(start, min(pos, end), tuple(groups)))
         return units
-    if shard.kind == "folder":
+    if shard.kind == "folder" or (shard.kind == "tar" and shard.tar_offsets):
         return [Unit(k, min(k + unit_rows, end)) for k in range(0, end, unit_rows)]
-    return [Unit(0, end)]  # a tar (or a Parquet file without row-group metadata): one unit
+    return [Unit(0, end)]  # a Parquet file without row-group metadata: one unit
 
 
 @dataclass
@@ -119,7 +122,8 @@ class UnitLedger:
                 break
             rec, rows = read_record(self.fs, part_path(self.root, shard.rel, u.start, u.stop))
             if record_matches(rec, rows, fingerprint=self.fingerprint, source_key=shard.source_key,
-                              start=u.start, stop=u.stop) and rows == u.rows:
+                              start=u.start, stop=u.stop) and rows == u.rows and companions_present(
+                                  self.fs, self.root, rec):  # a tar unit's part tar, same size
                 book.done[u.start] = rec
         return [ShardTask(shard=shard, out_fs=self.fs, out_root=self.root, row_cap=row_cap, start=u.start,
                           stop=u.stop, row_groups=u.row_groups, part=True)
@@ -169,6 +173,11 @@ class UnitLedger:
         shard = book.shard
         final = join(self.root, shard.record_rel)
         self.fs.create_dir(posixpath.dirname(final), recursive=True)
+        companions: dict[str, int] = {}
+        if any(book.done[u.start].get("companions") for u in book.units):  # a tar's units: the tar first
+            parts = [part_path(self.root, shard.rel, u.start, u.stop)[: -len(".parquet")] + ".tar"
+                     for u in book.units]
+            companions[shard.rel] = concat_tars(self.fs, parts, join(self.root, shard.rel))
         tmp = tmp_name(final)
         status: Counter[str] = Counter()
         routes: Counter[str] = Counter()
@@ -194,7 +203,8 @@ class UnitLedger:
                                   seconds=round(sum(x["seconds"] for x in units) + time.perf_counter() - t0, 3),
                                   output=final, start=0, stop=rows)
                 record = {**res.to_json(), "input": shard.path, "source_key": shard.source_key,
-                          "fingerprint": self.fingerprint, "row_cap": book.row_cap, "units": units}
+                          "fingerprint": self.fingerprint, "row_cap": book.row_cap, "units": units,
+                          "companions": companions}
                 writer.add_key_value_metadata(encode_record(record))
                 writer.close()
             self.fs.move(tmp, final)
