@@ -122,11 +122,11 @@ def bare_loop(paths: list[str], out_dir: str) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
-def job(paths_dir: str, out: str, executor: str, workers: int | None = None):
+def job(paths_dir: str, out: str, executor: str, workers: int | None = None, unit_rows: int | None = None):
     from grefine_curate.pipelines.job import JobConfig, run_job
 
     return run_job(JobConfig(inputs=[paths_dir], out=out, preset="tiny", mode="score", executor=executor,
-                             workers=workers, batch_size=BATCH, quiet=True))
+                             workers=workers, batch_size=BATCH, quiet=True, unit_rows=unit_rows))
 
 
 RSS_SCRIPT = """
@@ -153,6 +153,8 @@ def main() -> None:
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray run")
     ap.add_argument("--rounds", type=int, default=3, help="alternating bare/local rounds (best of each)")
     ap.add_argument("--workers", type=int, default=None, help="Ray actors (default: the job's default)")
+    ap.add_argument("--unit-rows", type=int, default=None,
+                    help="rows per work unit (default: the preset's; 64 splits each shard into 4 units with parts)")
     ap.add_argument("--dir", default=None, help="working directory (default: a temporary one, removed after)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -169,10 +171,10 @@ def main() -> None:
             print(f"round {r + 1}: bare loop      {n} images in {dt:.2f}s = {n / dt:.1f} img/s")
             bare = max(bare, n / dt)
             # the local executor's models load before timing: items_per_s excludes start-up
-            s = job(os.path.join(work, "in"), os.path.join(work, f"local{r}"), "local")
+            s = job(os.path.join(work, "in"), os.path.join(work, f"local{r}"), "local", unit_rows=args.unit_rows)
             assert s.exit_code == 0 and s.rows == args.n, s.lines()
             print(f"round {r + 1}: local executor {s.rows} images in {s.wall_s - s.startup_s:.2f}s = "
-                  f"{s.items_per_s:.1f} img/s (model loading {s.startup_s:.1f}s excluded)")
+                  f"{s.items_per_s:.1f} img/s ({s.units_run} work units; model loading {s.startup_s:.1f}s excluded)")
             local = max(local, s.items_per_s)
         print(f"bare loop:      {bare:.1f} img/s (best of {args.rounds})")
         print(f"local executor: {local:.1f} img/s (best of {args.rounds}) = {local / bare:.2f}x bare")
@@ -184,7 +186,7 @@ def main() -> None:
             ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                      _temp_dir=tempfile.mkdtemp(prefix="grefine-ray-", dir="/tmp"))
             init = time.perf_counter() - t
-            s = job(os.path.join(work, "in"), os.path.join(work, "ray"), "ray", args.workers)
+            s = job(os.path.join(work, "in"), os.path.join(work, "ray"), "ray", args.workers, args.unit_rows)
             ray.shutdown()
             assert s.exit_code == 0 and s.rows == args.n, s.lines()
             print(f"ray executor:   {s.rows} images in {s.wall_s - s.startup_s:.2f}s = {s.items_per_s:.1f} img/s "

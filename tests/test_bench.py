@@ -45,6 +45,14 @@ def test_decode_bench_prints_ratio_and_score_difference():
     assert "(256, 256)" in stdout  # 1024x1024 JPEGs decode DCT-scaled to 256x256
 
 
+def test_tar_memory_bench_streams_and_prints_ratio():
+    stdout = _run(["bench/tar_memory.py", "--small-mb", "2", "--big-mb", "8", "--member-kb", "64"], timeout=120)
+    small = re.search(r"small: \d+ MB tar, (\d+) samples", stdout)
+    big = re.search(r"big: \d+ MB tar, (\d+) samples", stdout)
+    assert small and big and int(big.group(1)) == 4 * int(small.group(1))
+    assert re.search(r"^ratio: \d+\.\d{3}$", stdout.strip().splitlines()[-1])
+
+
 def test_two_pass_bench_prints_ratio():
     stdout = _run(["bench/two_pass.py", "--n", "24", "--rounds", "1"], timeout=300)
     lines = stdout.strip().splitlines()

@@ -189,16 +189,22 @@ def test_resume_skips_complete_shards_and_ignores_stale_temporaries(tmp_path):
     out = tmp_path / "out"
     marker = out / "__grefine__" / "shards" / "part-a" / "shard-000.parquet.json"
     before = {p: os.stat(out / p).st_mtime_ns for p in files_under(out) if not p.endswith("manifest.json")}
-    # A killed run leaves a temporary beside an output, and one shard incomplete (no marker).
+    # A killed run leaves a temporary beside an output, one shard incomplete (no output, no marker) and
+    # one complete output whose marker was never written (killed between the rename and the marker).
     stale = out / "part-a" / ".shard-002.parquet.grefine-tmp-deadbeef"
     stale.write_bytes(b"PAR1 partial")
+    os.remove(out / "part-a" / "shard-002.parquet")
+    os.remove(out / "__grefine__" / "shards" / "part-a" / "shard-002.parquet.json")
     os.remove(out / "__grefine__" / "shards" / "part-b" / "shard-001.parquet.json")
     second = run_job(cfg)
     assert (second.shards_run, second.shards_skipped, second.removed_temporaries) == (1, 2, 1)
+    assert second.adopted == 1  # the output is its own commit record: adopted, not recomputed
+    assert os.stat(out / "part-b" / "shard-001.parquet").st_mtime_ns == before["part-b/shard-001.parquet"]
+    assert json.loads((out / "__grefine__" / "shards" / "part-b" / "shard-001.parquet.json").read_text())["rows"] == 2
     assert not stale.exists()
     assert os.stat(marker).st_mtime_ns == before[str(marker.relative_to(out))]  # not recomputed
     assert os.stat(out / "part-a" / "shard-000.parquet").st_mtime_ns == before["part-a/shard-000.parquet"]
-    assert second.rows == 6 and pq.read_table(out / "part-b" / "shard-001.parquet").num_rows == 2
+    assert second.rows == 6 and pq.read_table(out / "part-a" / "shard-002.parquet").num_rows == 2
     third = run_job(JobConfig(**{**cfg.__dict__, "resume": False}))
     assert third.shards_run == 3 and third.shards_skipped == 0
 
@@ -447,8 +453,8 @@ def test_interrupted_summary_agrees_with_the_shards_on_disk(tmp_path, monkeypatc
     write_dataset(str(tmp_path / "in"), shards=3, rows=2)
     real = executors.run_local
 
-    def interrupted(tasks, spec, opts, progress):
-        rep = real(tasks[:2], spec, opts, progress)  # two shards finish on disk ...
+    def interrupted(tasks, spec, opts, progress, **kw):
+        rep = real(tasks[:2], spec, opts, progress, **kw)  # two shards finish on disk ...
         rep.results, rep.interrupted = rep.results[:1], True  # ... the driver saw one when Ctrl-C came
         return rep
 

@@ -473,7 +473,7 @@ def _job(
     inputs, out, mode, preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
     save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
     models_dir, image_format, random_weights=False, input_columns=True, scores=None, refine_worst=None,
-    light_next=None,
+    light_next=None, unit_rows=None,
 ) -> None:
     from grefine_curate.pipelines.job import JobConfig, run_job
 
@@ -485,7 +485,7 @@ def _job(
         keep_images=keep_images, image_column=image_column, prompt_column=prompt_column,
         id_column=id_column, models_dir=str(models_dir) if models_dir else None, image_format=image_format.upper(),
         overrides=_overrides(random_weights), input_columns=input_columns,
-        scores=scores, refine_worst=refine_worst, light_next=light_next,
+        scores=scores, refine_worst=refine_worst, light_next=light_next, unit_rows=unit_rows,
     )
     if random_weights and not quiet:
         typer.secho("note: --random-weights: full-size architectures with random weights (a benchmark and wiring "
@@ -496,7 +496,7 @@ def _job(
     raise typer.Exit(summary.exit_code)
 
 
-InputsArg = Annotated[list[str], typer.Argument(help="Parquet shards (file, directory searched recursively, or glob) or image folders; local paths or s3:// / gs:// URIs.")]
+InputsArg = Annotated[list[str], typer.Argument(help="Parquet shards or WebDataset .tar shards (file, directory searched recursively, or glob) or image folders; local paths or s3:// / gs:// URIs.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 ExecutorOpt = Annotated[str, typer.Option("--executor", help="ray (default; local instance or a cluster) or local (in-process).")]
 AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance).")]
@@ -515,6 +515,7 @@ InputColsOpt = Annotated[bool, typer.Option("--input-columns/--no-input-columns"
 ImgColOpt = Annotated[Optional[str], typer.Option("--image-column", help="Parquet image column (default: auto: image, jpg, png, img).")]
 PromptColOpt = Annotated[Optional[str], typer.Option("--prompt-column", help="Parquet prompt column (default: auto: prompt, text, caption).")]
 IdColOpt = Annotated[Optional[str], typer.Option("--id-column", help="Parquet id column (default: auto: id, key, uid; else shard name + row index).")]
+UnitRowsOpt = Annotated[Optional[int], typer.Option("--unit-rows", help="Rows per work unit (whole Parquet row groups; the unit of scheduling, retry and resume). Default: the preset's.")]
 
 
 @app.command()
@@ -546,6 +547,7 @@ def run(
     scores: Annotated[Optional[str], typer.Option("--scores", help="Reuse p, a and unmatched phrases (and maps) from the OUT of an earlier `score` run over the same inputs and scoring config, instead of scoring again: only the images to refine are decoded.")] = None,
     refine_worst: Annotated[Optional[float], typer.Option("--refine-worst", help="Route 'full' the worst fraction F of the data set, by p and by a (e.g. 0.15), instead of the preset's fixed thresholds; without --scores the job scores everything first.")] = None,
     light_next: Annotated[Optional[float], typer.Option("--light-next", help="Route 'light' the next fraction G after --refine-worst, by p and by a (default 0).")] = None,
+    unit_rows: UnitRowsOpt = None,
 ) -> None:
     """Score every image of a data set, route it, refine the low-quality ones, write everything back.
 
@@ -556,7 +558,8 @@ def run(
         _fail(f"--mode must be 'refine' or 'score', got {mode!r}", EXIT_USAGE)
     _job(inputs, out, mode, preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
          save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
-         models_dir, image_format, random_weights, input_columns, scores, refine_worst, light_next)
+         models_dir, image_format, random_weights, input_columns, scores, refine_worst, light_next,
+         unit_rows=unit_rows)
 
 
 @app.command()
@@ -583,12 +586,13 @@ def score(
     id_column: IdColOpt = None,
     models_dir: ModelsDirOpt = None,
     random_weights: RandomOpt = False,
+    unit_rows: UnitRowsOpt = None,
 ) -> None:
     """Score-only audit of a data set (same as `run --mode score`): ids, prompts, PQ/AQ scores and the route a
     run would take with the preset's thresholds (grefine_route, marked planned). Reuse it with `run --scores`."""
     _job(inputs, out, "score", preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
          save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
-         models_dir, "PNG", random_weights, input_columns)
+         models_dir, "PNG", random_weights, input_columns, unit_rows=unit_rows)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -136,6 +136,10 @@ class Preset:
     refiner: RefinerConfig = field(default_factory=RefinerConfig)
     max_pixels: int = 8192 * 8192  # images above this are refused before decoding
     seed: int = 0  # global seed; an item's seed comes from (seed, item id)
+    # Work units of the job (scheduling only, results do not depend on them): rows per unit, sized so
+    # that a unit is minutes of work on one GPU (refine: seconds per image; score: ~100s of images/s).
+    unit_rows: int = 256
+    score_unit_rows: int = 16384
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

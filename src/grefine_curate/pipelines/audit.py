@@ -153,7 +153,7 @@ def with_prior(fresh: ScoreResult, prior: Prior) -> ScoreResult:
 class PriorRows:
     """The audit's rows of one shard, taken in step with the input batches."""
 
-    def __init__(self, scores_uri: str, rel: str, has_maps: bool):
+    def __init__(self, scores_uri: str, rel: str, has_maps: bool, start: int = 0):
         fs, root = resolve_fs(scores_uri)
         self.where = f"{scores_uri}: {rel}"
         self._file = fs.open_input_file(join(root, rel))
@@ -163,6 +163,8 @@ class PriorRows:
             cols += [c for c in (C.PQ_MAP, C.AQ_MAP) if c in pf.schema_arrow.names]
         self._batches = pf.iter_batches(batch_size=256, columns=cols)
         self._buf: list[dict[str, Any]] = []
+        if start:  # a work unit from row `start` on (units.py): the audit's rows before it are not ours
+            self.take(start)
 
     def take(self, n: int) -> list[dict[str, Any]]:
         while len(self._buf) < n:

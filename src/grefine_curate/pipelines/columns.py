@@ -15,6 +15,7 @@ AQ_MAP = "aq_map"  # --save-maps: 64x64 8-bit grey PNG bytes, white = needs refi
 ID = "grefine_id"  # score mode / folder input: the item id
 PROMPT = "grefine_prompt"  # score mode / folder input: the prompt used
 SOURCE = "grefine_source"  # folder input: relative path of the source image
+KEY = "key"  # WebDataset input: the sample's key (sidecar Parquet, as img2dataset names it)
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"

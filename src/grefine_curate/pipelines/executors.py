@@ -1,12 +1,16 @@
-"""Executors: run the shard processor over pending shards, in-process or on Ray actors.
+"""Executors: run the processor over pending work units, in-process or on Ray actors.
 
 - ``run_local``: the same processor in this process (tests, debugging, small jobs).
 - ``run_ray``: a local Ray instance with zero set-up (or a cluster via ``--address`` /
   ``RAY_ADDRESS``). Actors (one per GPU; on CPU-only clusters ``workers`` CPU actors) load the
-  models once and stream their shard in batches; each shard call is a streaming generator that
+  models once and stream their unit in batches; each unit call is a streaming generator that
   reports items done per batch, so the driver shows item-level progress while holding no rows.
-  A worker that dies mid-shard (crash, OOM kill, node loss) is replaced and its shard resubmitted
-  (up to ``max_attempts``); its partial temporary file is never renamed, so nothing is counted twice.
+  A worker that dies mid-unit (crash, OOM kill, node loss) is replaced and its unit resubmitted
+  (up to ``max_attempts``) to the next free worker; its partial temporary file is never renamed,
+  so nothing is counted twice.
+
+Each finished unit goes to ``finish`` (the driver's UnitLedger), which assembles a file's output
+when its last unit lands.
 
 Both report progress on the driver: tqdm bars over items and shards on a terminal, plain log
 lines otherwise, nothing with ``quiet``.
@@ -21,7 +25,7 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 from grefine_curate.curate.errors import ModelUnavailableError
 from grefine_curate.pipelines.sinks import clean_shard_temporaries
@@ -35,6 +39,7 @@ from grefine_curate.pipelines.processor import (
 )
 
 LOG_EVERY_S = 10.0  # plain-log progress interval when stderr is not a terminal
+REPLACEMENT_WAIT_S = float(os.environ.get("GREFINE_REPLACEMENT_WAIT_S", 600))  # no live worker: give up after this
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,6 +130,22 @@ class ExecReport:
     startup_s: float = 0.0  # start-up before the first shard: Ray init (if started here) + model loading
     retries: int = 0
     workers: int = 1
+    units: int = 0  # work units completed by this run (a shard of several units counts once in results)
+    rows: int = 0  # rows those units processed
+    rows_by_shard: dict[str, int] = field(default_factory=dict)  # ... per shard (rel)
+
+
+Finish = Callable[[ShardResult], "list[ShardResult]"]
+
+
+def _landed(report: ExecReport, progress: Progress, finish: Finish | None, res: ShardResult) -> None:
+    """A unit finished: hand it to the ledger (which assembles its shard after the last unit)."""
+    report.units += 1
+    report.rows += res.rows
+    report.rows_by_shard[res.rel] = report.rows_by_shard.get(res.rel, 0) + res.rows
+    for shard_res in finish(res) if finish is not None else [res]:
+        report.results.append(shard_res)
+        progress.shard_done(shard_res)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +167,8 @@ def cached_engine(spec: EngineSpec):
     return engine
 
 
-def run_local(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, progress: Progress) -> ExecReport:
+def run_local(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, progress: Progress,
+              finish: Finish | None = None) -> ExecReport:
     report = ExecReport(workers=1)
     if not tasks:
         return report
@@ -166,8 +188,8 @@ def run_local(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, pr
                     done += ev
                     progress.items(ev)
                 else:
-                    report.results.append(ev)
-                    progress.shard_done(ev)
+                    done = 0  # the unit is committed: a failure after this point does not undo its items
+                    _landed(report, progress, finish, ev)
         except KeyboardInterrupt:
             report.interrupted = True
             return report
@@ -188,11 +210,13 @@ class ShardWorker:
     """A Ray actor: loads the models once, then streams one shard per call."""
 
     def __init__(self, spec: EngineSpec, threads: int):
+        import ray
         import torch
 
         torch.set_num_threads(max(1, threads))
         self.spec = spec
         self.engine = None
+        self.node_id = ray.get_runtime_context().get_node_id()  # recorded per unit in the shard marker
 
     def ready(self, load: bool = True) -> int:
         """Load the models now, so a load failure surfaces before any shard is handed out."""
@@ -211,10 +235,13 @@ class ShardWorker:
             engine = LazyEngine(self._engine, self.spec.preset.seed)
         else:
             engine = self._engine()
-        yield from process_shard(task, engine, opts)
+        yield from process_shard(task, engine, opts, node_id=self.node_id)
 
 
-_FORWARD_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE")
+# Object-store endpoints (MinIO, R2, GCS interop) must reach the actors too; credentials are not
+# forwarded (runtime_env is visible in the dashboard): workers use their own (env, profile, IAM role).
+_FORWARD_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "AWS_ENDPOINT_URL",
+                "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 def _forwarded_env() -> dict[str, str]:
@@ -262,7 +289,7 @@ def _plan_workers(workers: int | None, gpus_per_worker: float, n_tasks: int) -> 
 
 def run_ray(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, progress: Progress, *,
             address: str | None = None, workers: int | None = None, gpus_per_worker: float = 1.0,
-            max_attempts: int = 3) -> ExecReport:
+            max_attempts: int = 3, finish: Finish | None = None, threads_per_worker: int | None = None) -> ExecReport:
     import ray
     from ray.exceptions import ActorDiedError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 
@@ -277,13 +304,16 @@ def run_ray(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, prog
         runtime_env={"env_vars": _forwarded_env()},
     )
 
+    threads = threads_per_worker or (max(1, int(round(cpus))) if not gpus else 2)
+
     def new_actor():
-        return actor_cls.remote(spec, max(1, int(round(cpus))) if not gpus else 2)
+        return actor_cls.remote(spec, threads)
 
     actors: list[Any] = [new_actor() for _ in range(n)]
     queue: deque[ShardTask] = deque(tasks)
     active: dict[Any, tuple[int, ShardTask]] = {}
     counted: dict[int, int] = {}  # items reported by the current attempt on actor i
+    starting: dict[Any, int] = {}  # ready() of replacement actors -> their slot
 
     def submit(i: int) -> None:
         if queue:
@@ -301,9 +331,29 @@ def run_ray(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, prog
         report.startup_s += time.perf_counter() - t_ready  # actors up, models loaded
         for i in range(n):
             submit(i)
-        while active:
-            ready, _ = ray.wait(list(active), num_returns=1, timeout=1.0)
+        idle_since = time.perf_counter()
+        while active or (queue and starting):
+            ready, _ = ray.wait(list(active) + list(starting), num_returns=1, timeout=1.0)
+            if active or ready:
+                idle_since = time.perf_counter()
+            elif time.perf_counter() - idle_since > REPLACEMENT_WAIT_S:
+                # every worker died and none can be placed again (a lost node took the capacity)
+                msg = (f"no worker could be started for {REPLACEMENT_WAIT_S:.0f}s (each needs {cpus:g} CPU, "
+                       f"{gpus:g} GPU); the cluster lost the capacity")
+                report.failures.extend((t.shard.rel, msg) for t in queue)
+                progress.say(f"giving up on {len(queue)} unit(s): {msg}", always=True)
+                queue.clear()
+                break
             for gen in ready:
+                if gen in starting:  # a replacement worker is up: only now does it take a unit
+                    i = starting.pop(gen)
+                    try:
+                        ray.get(gen)
+                    except Exception as e:  # noqa: BLE001 - it could not start; the other workers go on
+                        progress.say(f"a replacement worker could not start: {type(e).__name__}: {e}", always=True)
+                        continue
+                    submit(i)
+                    continue
                 i, task = active[gen]
                 try:
                     ev = ray.get(next(gen))
@@ -319,17 +369,19 @@ def run_ray(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, prog
                     except Exception:  # noqa: BLE001 - already gone
                         pass
                     actors[i] = new_actor()
+                    # The replacement takes work once it is up; until then the lost unit waits in the queue
+                    # for whichever worker frees first (after a node loss there may be no room for it).
+                    starting[actors[i].ready.remote()] = i
                     clean_shard_temporaries(task.out_fs, task.output_path)  # the dead attempt's partial file
                     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                     if task.attempt < max_attempts:
                         report.retries += 1
                         queue.appendleft(replace(task, attempt=task.attempt + 1))
                         progress.say(f"worker died on shard {task.shard.rel} (attempt {task.attempt}: {first}); "
-                                     "retrying on a fresh worker", always=True)
+                                     "retrying on the next free worker", always=True)
                     else:
                         report.failures.append((task.shard.rel, f"worker died {task.attempt} times: {first}"))
                         progress.say(f"shard failed: {task.shard.rel}: worker died {task.attempt} times", always=True)
-                    submit(i)
                     continue
                 except RayTaskError as e:
                     del active[gen]
@@ -347,8 +399,11 @@ def run_ray(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, prog
                     progress.items(ev)
                 else:
                     del active[gen]
-                    report.results.append(ev)
-                    progress.shard_done(ev)
+                    try:
+                        _landed(report, progress, finish, ev)
+                    except Exception as e:  # noqa: BLE001 - assembling one shard failed: the others go on
+                        report.failures.append((task.shard.rel, f"{type(e).__name__}: {e}"))
+                        progress.say(f"shard failed: {task.shard.rel}: {type(e).__name__}: {e}", always=True)
                     submit(i)
     except KeyboardInterrupt:
         report.interrupted = True

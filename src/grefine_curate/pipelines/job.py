@@ -18,6 +18,7 @@ Steps: 1. check options  2. resolve the preset  3. find and check every input sh
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,7 @@ from grefine_curate.pipelines.models import check_weights
 from grefine_curate.pipelines.processor import EngineSpec, ProcessOptions, ShardTask
 from grefine_curate.pipelines.sinks import clean_stale_temporaries
 from grefine_curate.pipelines.sources import STATE_DIR, TMP_MARK, ColumnSpec, discover, fs_uri, join, resolve_fs
+from grefine_curate.pipelines.units import UnitLedger
 
 MODES = ("refine", "score")
 EXECUTORS = ("ray", "local")
@@ -83,6 +85,8 @@ class JobConfig:
     image_format: str = "PNG"  # encoding of refined images in Parquet outputs: PNG | JPEG | WEBP
     decode_threads: int = 2  # CPU threads decoding images beside the model, per worker
     folder_shard_size: int = 1000  # images per shard of an image folder
+    unit_rows: int | None = None  # rows per work unit (None: the preset's unit_rows / score_unit_rows)
+    threads_per_worker: int | None = None  # Ray: torch threads per actor (None: its CPUs; 2 with a GPU)
     max_attempts: int = 3  # Ray: attempts of a shard whose worker died
     draft_decode: bool = True  # score mode: decode JPEGs DCT-scaled to the CLIP input size (faster)
     scores: str | None = None  # refine mode: reuse p, a, unmatched phrases from this `score` output
@@ -113,6 +117,9 @@ class JobSummary:
     retries: int
     manifest: str
     removed_temporaries: int = 0
+    units_run: int = 0  # work units completed by this run
+    units_total: int = 0  # work units of the shards this run had to do (done before or now)
+    adopted: int = 0  # complete outputs found without their marker, adopted from their footer record
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -128,7 +135,8 @@ class JobSummary:
             f"status: ok {self.status.get('ok', 0)}, error {self.status.get('error', 0)} "
             f"(error rate {self.error_rate:.1%})" + (f"; routes: {routes}" if self.mode == "refine" else
                                                       f"; planned routes (a run would do): {routes}"),
-            f"this run: {self.rows_this_run} rows in {self.wall_s:.1f}s ({self.items_per_s:.1f} img/s after "
+            f"this run: {self.rows_this_run} rows ({self.units_run} work units) in {self.wall_s:.1f}s "
+            f"({self.items_per_s:.1f} img/s after "
             f"{self.startup_s:.1f}s of start-up)",
             f"manifest: {self.manifest}",
         ]
@@ -158,6 +166,10 @@ def _check_options(cfg: JobConfig) -> None:
         bad(f"image format {cfg.image_format!r} is not one of {', '.join(IMAGE_FORMATS)}")
     if cfg.folder_shard_size < 1 or cfg.decode_threads < 1 or cfg.max_attempts < 1:
         bad("folder_shard_size, decode_threads and max_attempts must be at least 1")
+    if cfg.threads_per_worker is not None and cfg.threads_per_worker < 1:
+        bad(f"threads per worker must be at least 1 when given, got {cfg.threads_per_worker}")
+    if cfg.unit_rows is not None and cfg.unit_rows < 1:
+        bad(f"unit rows must be at least 1 when given (--unit-rows), got {cfg.unit_rows}")
     if not cfg.out:
         bad("an output directory is required (--out)")
     if cfg.mode == "score" and (cfg.scores or cfg.refine_worst is not None or cfg.light_next is not None):
@@ -238,11 +250,22 @@ def run_job(cfg: JobConfig) -> JobSummary:
                          "choose a writable location") from e
     # 5. Stale temporaries of a killed run
     removed = clean_stale_temporaries(out_fs, out_root)
-    # 6. Resume: complete shards are skipped
+    # 6. Resume: complete shards are skipped (a complete output without its marker is adopted); the
+    #    others are cut into work units, and units committed by an earlier run are kept
     states = shard_states(out_fs, out_root, shards, caps, fingerprint, cfg.resume)
-    tasks = [ShardTask(shard=st.shard, out_fs=out_fs, out_root=out_root, row_cap=st.row_cap)
-             for st in states if not st.complete]
-    skipped = len(states) - len(tasks)
+    unit_rows = cfg.unit_rows or (preset.score_unit_rows if cfg.mode == "score" else preset.unit_rows)
+    ledger = UnitLedger(out_fs, out_root, fingerprint)
+    tasks: list[ShardTask] = []
+    units_total = 0
+    for st in states:
+        if st.complete:
+            continue
+        planned = ledger.plan(st.shard, st.row_cap, unit_rows, cfg.resume)
+        units_total += len(ledger.books[st.shard.rel].units) if st.shard.rel in ledger.books else len(planned)
+        tasks.extend(planned)
+    tasks.sort(key=lambda t: -t.rows)  # largest first (stable: input order among equals)
+    skipped = sum(st.complete for st in states)
+    adopted = sum(st.adopted for st in states)
     if tasks:  # seconds, before Ray or any model starts (a complete OUT reruns without weights)
         check_weights(preset, cfg.mode, cfg.models_dir)
     limit_note = remove_past_limit(out_fs, out_root, shrinks, cfg.limit) if shrinks else None  # --force only
@@ -256,8 +279,9 @@ def run_job(cfg: JobConfig) -> JobSummary:
         "result_config": rcfg,
         "routing": plan.info if plan is not None else {**describe_routing(preset.routing, None),
                                                       "planned": cfg.mode == "score"},
-        "job": dataclasses.asdict(cfg),
-        "inputs": [{"shard": s.rel, "input": fs_uri(s.fs, s.path), "rows": s.num_rows, "row_cap": c}
+        "job": _without_secrets(dataclasses.asdict(cfg)),
+        "inputs": [{"shard": s.rel, "output": s.record_rel, "input": fs_uri(s.fs, s.path), "rows": s.num_rows,
+                    "row_cap": c}
                    for s, c in zip(shards, caps)],
     }
     write_manifest(out_fs, out_root, base)
@@ -270,19 +294,34 @@ def run_job(cfg: JobConfig) -> JobSummary:
                           scores_uri=plan.audit.uri if plan is not None else None,
                           scores_maps=plan.audit.has_maps if plan is not None else False)
     spec = EngineSpec(preset=preset, mode=cfg.mode, models_dir=cfg.models_dir)
-    todo_rows = sum(t.row_cap if t.row_cap is not None else t.shard.num_rows for t in tasks)
-    progress = Progress(todo_rows, len(tasks), quiet=cfg.quiet)
+    todo_rows = sum(t.rows for t in tasks)
+    progress = Progress(todo_rows, len(states) - skipped, quiet=cfg.quiet)
     if skipped:
-        progress.say(f"resume: {skipped} of {len(states)} shards already complete in {out_root}")
+        progress.say(f"resume: {skipped} of {len(states)} shards already complete in {out_root}"
+                     + (f" ({adopted} adopted from their footer record)" if adopted else ""))
+    if units_total > len(tasks):
+        progress.say(f"resume: {units_total - len(tasks)} of {units_total} work units already committed")
     if removed:
         progress.say(f"removed {removed} temporary file(s) left by an interrupted run")
     report = ExecReport()
+    early = ledger.complete_now()  # every unit committed before a kill, not yet assembled
+    for res in early:
+        progress.shard_done(res)
     try:
         if cfg.executor == "local":
-            report = run_local(tasks, spec, opts, progress)
+            report = run_local(tasks, spec, opts, progress, finish=ledger.finish)
         else:
             report = run_ray(tasks, spec, opts, progress, address=cfg.address, workers=cfg.workers,
-                             gpus_per_worker=cfg.gpus_per_worker, max_attempts=cfg.max_attempts)
+                             gpus_per_worker=cfg.gpus_per_worker, max_attempts=cfg.max_attempts,
+                             finish=ledger.finish, threads_per_worker=cfg.threads_per_worker)
+        report.results[:0] = early
+        assembled, failed = ledger.drain()  # files whose last unit landed, assembled on a driver thread
+        for res in assembled:
+            report.results.append(res)
+            progress.shard_done(res)
+        for rel, msg in failed:
+            report.failures.append((rel, msg))
+            progress.say(f"shard failed: {rel}: {msg}", always=True)
     except KeyboardInterrupt:
         report.interrupted = True
     except BaseException as e:  # a failed start (models, cluster): the manifest must not say "running"
@@ -301,9 +340,14 @@ def run_job(cfg: JobConfig) -> JobSummary:
     wall = time.perf_counter() - t0
     # This run's shards from the markers, not from what the driver heard: after Ctrl-C a Ray worker
     # may have finished a shard (output and marker on disk, complete) whose result never arrived.
+    # Rows are those the units of this run processed, plus such unheard shards (a shard assembled from
+    # units all committed by an earlier run adds none).
     before = {st.shard.rel for st in states if st.complete}
     done_now = [st for st in after if st.complete and st.shard.rel not in before]
-    rows_run = sum(int(st.marker.get("rows", 0)) for st in done_now)
+    assembled_only = {r.rel for r in early}
+    rows_run = sum(report.rows_by_shard.values()) + sum(
+        int(st.marker.get("rows", 0)) for st in done_now
+        if st.shard.rel not in report.rows_by_shard and st.shard.rel not in assembled_only)
     busy = max(wall - report.startup_s, 1e-9)
     if report.interrupted:
         state, code = "interrupted", EXIT_INTERRUPTED
@@ -328,7 +372,8 @@ def run_job(cfg: JobConfig) -> JobSummary:
         shards_failed=report.failures, rows=rows, status=tot["status"], routes=tot["routes"],
         error_rate=error_rate, rows_this_run=rows_run, wall_s=wall, startup_s=report.startup_s,
         items_per_s=rows_run / busy, retries=report.retries, manifest=manifest_path(out_root),
-        removed_temporaries=removed, notes=notes,
+        removed_temporaries=removed, units_run=report.units, units_total=units_total, adopted=adopted,
+        notes=notes,
     )
     write_manifest(out_fs, out_root, {
         **base,
@@ -340,12 +385,21 @@ def run_job(cfg: JobConfig) -> JobSummary:
         "run": {"wall_s": round(wall, 3), "startup_s": round(report.startup_s, 3), "rows": rows_run,
                 "items_per_s": round(rows_run / busy, 3), "shards_run": len(done_now),
                 "shards_skipped": skipped, "retries": report.retries, "workers": report.workers,
-                "executor": cfg.executor},
+                "executor": cfg.executor, "unit_rows": unit_rows, "units_run": report.units,
+                "units_total": units_total, "adopted": adopted},
     })
     # 9. The HTML report: local outputs only (it embeds images read back from OUT); it never fails the job
     if cfg.write_report:
         summary.notes.append(_write_report(out_fs, out_root))
     return summary
+
+
+def _without_secrets(job: dict[str, Any]) -> dict[str, Any]:
+    """The job options as the manifest records them: credentials in URIs (s3://KEY:SECRET@bucket/...) masked."""
+    def scrub(uri: Any) -> Any:
+        return re.sub(r"^([a-z0-9+.-]+://)[^/@]+@", r"\1***@", uri) if isinstance(uri, str) else uri
+
+    return {**job, "inputs": [scrub(u) for u in job.get("inputs", [])], "out": scrub(job.get("out"))}
 
 
 def _write_report(out_fs: Any, out_root: str) -> str:

@@ -61,6 +61,8 @@ def remove_past_limit(fs: pafs.FileSystem, out_root: str, shrinks: list[Shrink],
             try_delete(fs, join(out_root, f"images/{safe_relpath(item.rel)}"))
         if s.new_rows == 0:
             try_delete(fs, join(out_root, s.shard.rel))
+            if s.shard.record_rel != s.shard.rel:  # a WebDataset tar's sidecar
+                try_delete(fs, join(out_root, s.shard.record_rel))
             try_delete(fs, marker_path(out_root, s.shard.rel))
         # else: the shard is recomputed with the smaller cap and replaces its output
     return (f"--force with a smaller --limit {limit}: removed {rows} row(s) of an earlier run past the limit "

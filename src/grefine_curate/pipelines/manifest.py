@@ -21,6 +21,7 @@ import pyarrow.fs as pafs
 
 from grefine_curate.curate.config import Preset
 from grefine_curate.curate.errors import ConfigError
+from grefine_curate.pipelines.records import read_record, record_matches
 from grefine_curate.pipelines.sinks import marker_path, read_json, write_atomic
 from grefine_curate.pipelines.sources import STATE_DIR, Shard, join
 
@@ -36,8 +37,9 @@ def manifest_path(out_root: str) -> str:
 def result_config(preset: Preset, mode: str, save_maps: bool, keep_images: bool, image_format: str,
                   columns: dict[str, str | None], draft_size: int | None) -> dict[str, Any]:
     """Everything that changes the rows of an output shard (executor, workers, batch size do not)."""
+    scheduling = ("unit_rows", "score_unit_rows")  # how work is cut up never changes a row
     return {
-        "preset": preset.to_dict(),
+        "preset": {k: v for k, v in preset.to_dict().items() if k not in scheduling},
         "mode": mode,
         "save_maps": save_maps,
         "keep_images": keep_images,
@@ -124,22 +126,42 @@ class ShardState:
     row_cap: int | None
     complete: bool
     marker: dict[str, Any] | None
+    adopted: bool = False  # complete output found without its marker: adopted from its footer record
+
+
+def companions_present(fs: pafs.FileSystem, out_root: str, rec: dict[str, Any]) -> bool:
+    """Files an output's record vouches for beside itself (a WebDataset tar beside its sidecar), same size."""
+    for rel, size in (rec.get("companions") or {}).items():
+        info = fs.get_file_info(join(out_root, rel))
+        if info.type != pafs.FileType.File or info.size != size:
+            return False
+    return True
 
 
 def shard_states(fs: pafs.FileSystem, out_root: str, shards: list[Shard], caps: list[int | None],
                  fingerprint: str, resume: bool) -> list[ShardState]:
-    """Which shards are already complete: a marker with the same fingerprint, input and row cap, and its output."""
+    """Which shards are already complete: a marker with the same fingerprint, input and row cap, and its
+    output; or, without a marker (a kill between the rename and the marker), an output whose footer
+    record says the same (records.py), which is adopted: its marker is written from the record."""
     states = []
     for shard, cap in zip(shards, caps):
         marker = read_json(fs, marker_path(out_root, shard.rel)) if resume else None
+        expect = dict(fingerprint=fingerprint, source_key=shard.source_key, row_cap=cap)
         ok = (
             marker is not None
-            and marker.get("fingerprint") == fingerprint
-            and marker.get("source_key") == shard.source_key
-            and marker.get("row_cap") == cap
-            and fs.get_file_info(join(out_root, shard.rel)).type == pafs.FileType.File
+            and all(marker.get(k) == v for k, v in expect.items())
+            and fs.get_file_info(join(out_root, shard.record_rel)).type == pafs.FileType.File
+            and companions_present(fs, out_root, marker)
         )
-        states.append(ShardState(shard=shard, row_cap=cap, complete=ok, marker=marker if ok else None))
+        adopted = False
+        if resume and not ok:
+            rec, rows = read_record(fs, join(out_root, shard.record_rel))
+            if record_matches(rec, rows, **expect) and companions_present(fs, out_root, rec):
+                write_atomic(fs, marker_path(out_root, shard.rel),
+                             json.dumps({**rec, "adopted_at": time.time()}, indent=1).encode())
+                marker, ok, adopted = rec, True, True
+        states.append(ShardState(shard=shard, row_cap=cap, complete=ok, marker=marker if ok else None,
+                                 adopted=adopted))
     return states
 
 

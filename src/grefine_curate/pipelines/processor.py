@@ -1,16 +1,20 @@
-"""The shard processor: one input shard in, one complete output shard (and its marker) out.
+"""The processor: one work unit in (rows [start, stop) of a shard), one committed output out: the
+shard's output file and marker when the unit is the whole shard, else the unit's part (units.py).
 
 This is the step both executors run (in-process, or inside a Ray actor). Per batch of rows:
 
-    1. read raw rows (Parquet row batches / folder files), in input order
+    1. read raw rows (Parquet row batches of the unit's row groups / folder files / tar samples), in
+       input order
     2. decode images on a CPU thread pool, one batch ahead of the model (decode k+1 while the model
        runs batch k)
     3. score: PQ-Map p, P and AQ-Map a, A (paper sec. 3.1-3.2); a null or empty prompt gives PQ only
     4. refine mode: route by (p, a) and run the balanced refiner (paper sec. 3.3) on light/full items
-    5. append the rows to the output, written under a temporary name
+    5. append the rows to the output, written under a temporary name (a WebDataset tar: the sidecar,
+       and in refine mode the mirrored tar, sample by sample)
 
-When every row is written, the file is renamed into place and the shard's completion marker is
-written (both atomic), so a killed job leaves either a complete shard or an ignorable temporary.
+When every row is written, the footer gets the commit record (records.py), the file is renamed into
+place and, for a whole shard, its marker is written (all atomic), so a killed job leaves either a
+complete file or an ignorable temporary.
 
 Nothing disappears silently: an item that cannot be decoded or scored becomes a row with status
 ``error`` and the message. A model failure on a batch falls back to one item at a time, so one bad
@@ -41,6 +45,8 @@ from grefine_curate.curate.results import ScoreResult
 from grefine_curate.pipelines import columns as C
 from grefine_curate.pipelines.sinks import EXTENSION_FORMATS, ShardWriter, marker_path, write_atomic
 from grefine_curate.pipelines.sources import Shard, join, safe_relpath
+from grefine_curate.pipelines.tar_shards import TAR_IMAGE_EXTENSIONS, TarSink, iter_samples, sample_prompt, split_member
+from grefine_curate.pipelines.units import part_path
 
 
 @dataclass(frozen=True)
@@ -65,15 +71,37 @@ class ProcessOptions:
 
 @dataclass(frozen=True)
 class ShardTask:
+    """One work unit: rows [start, stop) of a shard (see units.py).
+
+    ``part`` False: the unit is the whole shard and writes the output file itself (and its marker).
+    ``part`` True: the unit writes a committed part under OUT/_grefine/units/; the driver
+    concatenates the parts into the output file when the last one lands.
+    """
+
     shard: Shard
     out_fs: pafs.FileSystem
     out_root: str
     row_cap: int | None = None  # --limit: process only the first rows of this shard
     attempt: int = 1
+    start: int = 0  # first row (input order) of this unit
+    stop: int | None = None  # one past its last row (None: the shard's end, or row_cap)
+    row_groups: tuple[int, ...] | None = None  # parquet: the row groups holding [start, stop) (None: all)
+    part: bool = False
+
+    @property
+    def end(self) -> int:
+        cap = self.shard.num_rows if self.row_cap is None else min(self.row_cap, self.shard.num_rows)
+        return cap if self.stop is None else min(self.stop, cap)
+
+    @property
+    def rows(self) -> int:
+        return max(0, self.end - self.start)
 
     @property
     def output_path(self) -> str:
-        return join(self.out_root, self.shard.rel)
+        if self.part:
+            return part_path(self.out_root, self.shard.rel, self.start, self.end)
+        return join(self.out_root, self.shard.record_rel)
 
     @property
     def marker_path(self) -> str:
@@ -88,6 +116,12 @@ class ShardResult:
     routes: dict[str, int]  # "skip"/"light"/"full"/"reverted" -> count (refine mode)
     seconds: float
     output: str
+    start: int = 0  # the unit's row range [start, stop)
+    stop: int = 0
+    part: bool = False  # a unit's part (the shard's output comes when its last unit lands)
+    node_id: str | None = None  # Ray node that processed it (None: in-process)
+    attempt: int = 1
+    companions: dict[str, int] | None = None  # files it vouches for beside its output (a tar unit's part tar)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -253,6 +287,8 @@ class Item:
     encoded: bytes | None = None  # the refined image, encoded for the output
     pq_png: bytes | None = None  # --save-maps: 64x64 P
     aq_png: bytes | None = None  # --save-maps: 64x64 A
+    sample: Any = None  # WebDataset input: the tar sample (members, in order)
+    meta: dict[str, Any] | None = None  # WebDataset input: the sample's KEY.json object
     prior: Any = None  # --scores: the audit's scores of this item (pipelines.audit.Prior)
     needs_pixels: bool = True  # False: routed skip from the audit (or its error): never decoded
 
@@ -377,6 +413,9 @@ def encode_outputs(items: list[Item], kind: str, opts: ProcessOptions) -> None:
                 fmt = opts.image_format
                 if kind == "folder":  # a folder output keeps each file's own format (and path)
                     fmt = EXTENSION_FORMATS.get(posixpath.splitext(it.item_id)[1].lower(), opts.image_format)
+                elif kind == "tar":  # a tar member keeps its name, so its format follows the extension
+                    ext = split_member(it.sample.image.info.name)[1]
+                    fmt = EXTENSION_FORMATS.get(f".{ext}", opts.image_format)
                 it.encoded = encode_image(it.refined if fmt != "JPEG" else it.refined.convert("RGB"), fmt)
             if opts.save_maps and it.needs_pixels:  # else the audit's maps are already there
                 it.pq_png = map_png(it.score.pq.P)
@@ -451,6 +490,8 @@ def output_schema(shard: Shard, input_schema: pa.Schema | None, opts: ProcessOpt
         names = {f.name for f in added}
         kept = [f for f in input_schema if f.name not in names]  # a re-run over our own output replaces them
         return pa.schema(kept + added, metadata=_hf_metadata(input_schema.metadata, kept + added, names))
+    if shard.kind == "tar":  # the sidecar: one row per sample, by key (img2dataset's column name)
+        return pa.schema([pa.field(C.KEY, pa.string()), pa.field(C.PROMPT, pa.string())] + added)
     head = [pa.field(C.ID, pa.string())]
     if shard.kind == "folder":
         head.append(pa.field(C.SOURCE, pa.string()))
@@ -525,16 +566,16 @@ def _parquet_batches(task: ShardTask, batch_size: int) -> tuple[pa.Schema, Itera
     pf = pq.ParquetFile(f)
     schema = pf.schema_arrow
     shard_dir = posixpath.dirname(shard.path)
+    groups = list(task.row_groups) if task.row_groups is not None else None
 
     def rows() -> Iterator[tuple[pa.RecordBatch, list[Item]]]:
-        start = 0
-        cap = shard.num_rows if task.row_cap is None else min(task.row_cap, shard.num_rows)
+        start, end = task.start, task.end  # the unit's row groups begin at row `start`
         try:
-            for batch in pf.iter_batches(batch_size=batch_size):
-                if start >= cap:
+            for batch in pf.iter_batches(batch_size=batch_size, row_groups=groups):
+                if start >= end:
                     break
-                if start + batch.num_rows > cap:
-                    batch = batch.slice(0, cap - start)
+                if start + batch.num_rows > end:
+                    batch = batch.slice(0, end - start)
                 yield batch, _parquet_items(shard, batch, start, shard_dir)
                 start += batch.num_rows
         finally:
@@ -579,7 +620,7 @@ def _parquet_items(shard: Shard, batch: pa.RecordBatch, start: int, shard_dir: s
 
 def _folder_batches(task: ShardTask, batch_size: int) -> Iterator[tuple[None, list[Item]]]:
     shard = task.shard
-    entries = shard.items if task.row_cap is None else shard.items[: task.row_cap]
+    entries = shard.items[task.start : task.end]
     for k in range(0, len(entries), batch_size):
         items = []
         for e in entries[k : k + batch_size]:
@@ -591,6 +632,44 @@ def _folder_batches(task: ShardTask, batch_size: int) -> Iterator[tuple[None, li
                 it.source_error = f"{e.rel}: cannot read file ({err})"
             items.append(it)
         yield None, items
+
+
+def _tar_batches(task: ShardTask, batch_size: int) -> Iterator[tuple[None, list[Item]]]:
+    shard = task.shard
+    batch: list[Item] = []
+    # The last unit reads to the tar's end (or --limit), not to the header count taken at discovery,
+    # so that no sample can be left out if the two passes ever disagree.
+    last = task.end >= shard.num_rows
+    stop = task.row_cap if last else task.end
+    offset = shard.tar_offsets[task.start] if task.start else 0
+    for sample in iter_samples(shard.fs, shard.path, stop=stop, start=task.start, offset=offset):
+        if sample.index < task.start:
+            continue
+        prompt, meta, json_error = sample_prompt(sample)
+        it = Item(item_id=sample.key, prompt=_clean_prompt(prompt), sample=sample, meta=meta)
+        image = sample.image
+        if sample.error is not None:
+            it.source_error = sample.error
+        elif image is None:
+            names = ", ".join(m.info.name for m in sample.members)
+            it.source_error = (f"{sample.key}: no image member (.{', .'.join(TAR_IMAGE_EXTENSIONS)}) "
+                               f"among {names}")
+        elif json_error is not None:
+            it.source_error = json_error
+        else:
+            it.raw = image.data
+        batch.append(it)
+        if len(batch) >= batch_size:
+            yield None, batch
+            batch = []
+    if batch:
+        yield None, batch
+
+
+def _json_fields(out: pa.RecordBatch) -> list[dict[str, Any]]:
+    """The added columns of each row as KEY.json fields (maps are binary: they stay in the sidecar)."""
+    names = [n for n in out.schema.names if n not in (C.KEY, C.PROMPT, C.PQ_MAP, C.AQ_MAP)]
+    return out.select(names).to_pylist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -613,20 +692,29 @@ def _test_hooks(batch_index: int) -> None:
 # The processor
 
 
-def process_shard(task: ShardTask, engine: Engine, opts: ProcessOptions) -> Iterator[int | ShardResult]:
-    """Process one shard; yields the number of items finished after each batch, then the ShardResult.
+def process_shard(task: ShardTask, engine: Engine, opts: ProcessOptions,
+                  node_id: str | None = None) -> Iterator[int | ShardResult]:
+    """Process one work unit; yields the number of items finished after each batch, then the ShardResult.
 
     A generator so that both executors can report progress per batch (a Ray actor streams it).
+    ``node_id`` (the Ray node running it) is recorded in the result and the commit record.
     """
     t0 = time.perf_counter()
     shard = task.shard
     # 1. Open the input and the output (temporary name)
     if shard.kind == "parquet":
         in_schema, batches = _parquet_batches(task, opts.batch_size)
+    elif shard.kind == "tar":
+        in_schema, batches = None, _tar_batches(task, opts.batch_size)
     else:
         in_schema, batches = None, _folder_batches(task, opts.batch_size)
     schema = output_schema(shard, in_schema, opts)
     writer = ShardWriter(task.out_fs, task.output_path, schema)
+    tar_out = None
+    if shard.kind == "tar" and opts.mode == "refine":  # score mode writes only the sidecar
+        # a whole tar writes the mirrored tar; a unit writes a part tar beside its part sidecar
+        tar_path = task.output_path[: -len(".parquet")] + ".tar" if task.part else join(task.out_root, shard.rel)
+        tar_out = TarSink(task.out_fs, tar_path)
     status: Counter[str] = Counter()
     routes: Counter[str] = Counter()
     rows = 0
@@ -634,7 +722,7 @@ def process_shard(task: ShardTask, engine: Engine, opts: ProcessOptions) -> Iter
     if opts.scores_uri is not None and opts.mode == "refine":
         from grefine_curate.pipelines.audit import PriorRows
 
-        prior = PriorRows(opts.scores_uri, shard.rel, opts.scores_maps)
+        prior = PriorRows(opts.scores_uri, shard.record_rel, opts.scores_maps, start=task.start)
         routing = opts.routing
         assert routing is not None, "--scores needs the thresholds in force (opts.routing)"
     pool = ThreadPoolExecutor(max_workers=max(1, opts.decode_threads), thread_name_prefix="grefine-decode")
@@ -662,6 +750,10 @@ def process_shard(task: ShardTask, engine: Engine, opts: ProcessOptions) -> Iter
             # 5. Output rows
             out = _output_batch(task, raw_batch, items, schema, opts)
             writer.write(out)
+            if tar_out is not None:
+                for it, fields in zip(items, _json_fields(out)):
+                    ok = it.error is None and it.score is not None
+                    tar_out.write(it.sample, it.encoded if ok else None, fields, it.meta)
             for item in items:
                 item.image = item.refined = item.encoded = None  # free pixels before the next batch
             for item in items:
@@ -673,28 +765,47 @@ def process_shard(task: ShardTask, engine: Engine, opts: ProcessOptions) -> Iter
             _test_hooks(k)
             k += 1
             yield len(items)
-        # 6. Commit: rename the output, then the marker
-        writer.commit()
+        # 6. Commit: the footer carries the commit record (records.py), then the rename; a whole-shard
+        #    unit also writes the shard's marker (a part's marker is its footer: the driver assembles)
+        result = ShardResult(rel=shard.rel, rows=rows, status=dict(status), routes=dict(routes),
+                             seconds=round(time.perf_counter() - t0, 3), output=task.output_path,
+                             start=task.start, stop=task.start + rows, part=task.part, node_id=node_id,
+                             attempt=task.attempt)
+        record = commit_record(task, result, opts)
+        if tar_out is not None:  # the tar first: the sidecar's record vouches for it (name and size)
+            result.companions = {tar_path[len(task.out_root.rstrip("/")) + 1 :]: tar_out.commit()}
+            record["companions"] = result.companions
+        writer.commit(record)
     except BaseException:
         writer.abort()
+        if tar_out is not None:
+            tar_out.abort()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         if prior is not None:
             prior.close()
-    result = ShardResult(rel=shard.rel, rows=rows, status=dict(status), routes=dict(routes),
-                         seconds=round(time.perf_counter() - t0, 3), output=task.output_path)
-    marker = {
+    if not task.part:
+        write_atomic(task.out_fs, task.marker_path, json.dumps({**record, "finished_at": time.time()}, indent=1).encode())
+    yield result
+
+
+def commit_record(task: ShardTask, result: ShardResult, opts: ProcessOptions) -> dict[str, Any]:
+    """What an output file (or a unit's part) records about itself: resume compares these fields."""
+    return {
         **result.to_json(),
-        "input": shard.path,
-        "source_key": shard.source_key,
+        "input": task.shard.path,
+        "source_key": task.shard.source_key,
         "fingerprint": opts.fingerprint,
         "row_cap": task.row_cap,
-        "attempt": task.attempt,
-        "finished_at": time.time(),
+        "units": [] if task.part else [unit_summary(result)],
     }
-    write_atomic(task.out_fs, task.marker_path, json.dumps(marker, indent=1).encode())
-    yield result
+
+
+def unit_summary(res: ShardResult) -> dict[str, Any]:
+    """One unit as the shard marker lists it (which node did which rows, in how long)."""
+    return {"start": res.start, "stop": res.stop, "rows": res.rows, "node_id": res.node_id,
+            "attempt": res.attempt, "seconds": res.seconds}
 
 
 def _output_batch(task: ShardTask, raw_batch: pa.RecordBatch | None, items: list[Item], schema: pa.Schema,
@@ -712,6 +823,11 @@ def _output_batch(task: ShardTask, raw_batch: pa.RecordBatch | None, items: list
             else:
                 arrays.append(raw_batch.column(f.name))
         return pa.RecordBatch.from_arrays(arrays, schema=schema)
+    if shard.kind == "tar":
+        head = {C.KEY: pa.array([it.item_id for it in items], pa.string()),
+                C.PROMPT: pa.array([it.prompt for it in items], pa.string())}
+        merged = {**head, **cols}
+        return pa.RecordBatch.from_arrays([merged[f.name] for f in schema], schema=schema)
     head: dict[str, pa.Array] = {C.ID: pa.array([it.item_id for it in items], pa.string())}
     if shard.kind == "folder":
         head[C.SOURCE] = pa.array([it.item_id for it in items], pa.string())

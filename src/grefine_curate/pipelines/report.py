@@ -104,7 +104,7 @@ def _list_output_shards(fs: pafs.FileSystem, root: str, manifest: dict[str, Any]
             rel = entry.get("shard")
             if not rel:
                 continue
-            path = join(root, rel)
+            path = join(root, entry.get("output") or rel)  # a WebDataset tar's scores are in its sidecar
             if fs.get_file_info(path).type == pafs.FileType.File:
                 shards.append(ShardInfo(rel=rel, path=path, input=entry.get("input")))
         return shards
@@ -125,12 +125,12 @@ def _read_rows(fs: pafs.FileSystem, shard: ShardInfo) -> list[Row]:
             return []  # not an output of the job (no status column)
         prompt_col = C.PROMPT if C.PROMPT in shard.names else next(
             (c for c in PROMPT_COLUMN_CANDIDATES if c in shard.names), None)
-        wanted = [c for c in SCALARS if c in shard.names] + ([prompt_col] if prompt_col and prompt_col != C.PROMPT else [])
+        wanted = [c for c in SCALARS + (C.KEY,) if c in shard.names] + ([prompt_col] if prompt_col and prompt_col != C.PROMPT else [])
         table = pf.read(columns=wanted).to_pydict()
     n = len(table[C.STATUS])
     get = lambda name: table.get(name, [None] * n)  # noqa: E731
     ps, as_, pa_, aa = (_floats(get(c)) for c in (C.PQ_SCORE, C.AQ_SCORE, C.PQ_SCORE_AFTER, C.AQ_SCORE_AFTER))
-    ids, prompts = get(C.ID), get(prompt_col) if prompt_col else [None] * n
+    ids, prompts = get(C.ID if C.ID in table else C.KEY), get(prompt_col) if prompt_col else [None] * n
     return [
         Row(shard=shard.rel, index=i, status=get(C.STATUS)[i] or C.STATUS_ERROR, error=get(C.ERROR)[i],
             route=get(C.ROUTE)[i], p=ps[i], a=as_[i], p_after=pa_[i], a_after=aa[i],

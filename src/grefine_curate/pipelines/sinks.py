@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from grefine_curate.pipelines.records import encode_record
 from grefine_curate.pipelines.sources import STATE_DIR, TMP_MARK, join
 
 # Formats a folder output keeps per extension (refined images are re-encoded in the file's own format).
@@ -123,8 +124,11 @@ class ShardWriter:
             self._writer.write_table(pa.Table.from_batches(self._buf, schema=self.schema))
             self._buf, self._rows, self._bytes = [], 0, 0
 
-    def commit(self) -> None:
+    def commit(self, record: dict[str, Any] | None = None) -> None:
+        """Flush, write the footer (with the commit record, see records.py) and rename into place."""
         self.flush()
+        if record is not None:
+            self._writer.add_key_value_metadata(encode_record(record))
         self._writer.close()
         self._stream.close()
         self.fs.move(self.tmp, self.path)

@@ -1,10 +1,11 @@
-"""Data sources of the curation job: Parquet shards and image folders, found through ``pyarrow.fs``.
+"""Data sources of the curation job: Parquet shards, WebDataset tars and image folders, found through ``pyarrow.fs``.
 
-A *shard* is the unit of work, of retry and of resume. A Parquet input gives one shard per file
-(a file, a directory searched recursively, or a glob); an image folder is cut into shards of
-``folder_shard_size`` images in sorted path order. Prompts of a folder come from sidecar ``.txt``
-files or from ``metadata.jsonl`` / ``metadata.csv`` (``file_name`` + ``text``, the Hugging Face
-imagefolder convention).
+A *shard* is one input file and one output file: a Parquet input gives one shard per file (a file,
+a directory searched recursively, or a glob), a WebDataset input one per ``.tar`` (see
+tar_shards.py); an image folder is cut into shards of ``folder_shard_size`` images in sorted path
+order. Shards are cut further into work units (units.py), the unit of scheduling, retry and resume.
+Prompts of a folder come from sidecar ``.txt`` files or from ``metadata.jsonl`` / ``metadata.csv``
+(``file_name`` + ``text``, the Hugging Face imagefolder convention).
 
 Everything here reads metadata only (file listings, Parquet footers): the whole input is checked
 (columns present, types usable, no output-name clash) before any image is touched, so a bad
@@ -57,9 +58,9 @@ class FolderItem:
 
 @dataclass
 class Shard:
-    """One unit of work. Picklable: it travels to Ray actors."""
+    """One input (and output) file. Picklable: it travels to Ray actors."""
 
-    kind: str  # "parquet" | "folder"
+    kind: str  # "parquet" | "folder" | "tar"
     fs: pafs.FileSystem
     path: str  # parquet: the file; folder: the folder root
     rel: str  # output name relative to OUT (parquet: same relative path; folder: scores/<name>-NNNNN.parquet)
@@ -70,10 +71,17 @@ class Shard:
     prompt_column: str | None = None
     id_column: str | None = None
     items: list[FolderItem] = field(default_factory=list)  # folder only
+    row_groups: tuple[int, ...] = ()  # parquet only: rows per row group (work units are whole row groups)
+    tar_offsets: tuple[int, ...] = ()  # tar only: byte offset of each sample's first header (units start there)
 
     @property
     def label(self) -> str:
         return self.rel
+
+    @property
+    def record_rel(self) -> str:
+        """The Parquet output that carries the commit record: the shard's own output, or a tar's sidecar."""
+        return posixpath.splitext(self.rel)[0] + ".parquet" if self.kind == "tar" else self.rel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,8 +153,10 @@ def _without_nested_outputs(infos: list, root: str) -> list:
 def _refuse_mixed(where: str, pq_infos: list, infos: list) -> None:
     images = [i for i in infos if i.path.lower().endswith(IMAGE_EXTENSIONS)]
     if pq_infos and images:
+        tars = sum(_is_tar(i.path) for i in pq_infos)
+        what = "tar" if tars == len(pq_infos) else "Parquet" if not tars else "Parquet and tar"
         raise InputError(
-            f"{where}: holds both Parquet files ({len(pq_infos)}, e.g. {pq_infos[0].path}) and image files "
+            f"{where}: holds both {what} files ({len(pq_infos)}, e.g. {pq_infos[0].path}) and image files "
             f"({len(images)}, e.g. {images[0].path}); pass the Parquet files and the image folder as separate "
             "inputs (for example a glob '*.parquet' and a sub-folder)"
         )
@@ -205,6 +215,7 @@ def _parquet_shard(fs: pafs.FileSystem, info: pafs.FileInfo, rel: str, columns: 
             meta = pq.ParquetFile(f).metadata
             schema = meta.schema.to_arrow_schema()
             num_rows = meta.num_rows
+            row_groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
     except (pa.ArrowInvalid, OSError) as e:
         raise InputError(f"{info.path}: not a readable Parquet file ({e}); remove it from the input or repair it") from e
     names = schema.names
@@ -251,13 +262,46 @@ def _parquet_shard(fs: pafs.FileSystem, info: pafs.FileInfo, rel: str, columns: 
             or pa.types.is_integer(schema.field(c).type))), None)
     source_key = f"{info.size}:{info.mtime_ns}"
     return Shard(kind="parquet", fs=fs, path=info.path, rel=rel, num_rows=num_rows, source_key=source_key,
-                 image_column=image_col, image_is_struct=is_struct, prompt_column=prompt_col, id_column=id_col)
+                 image_column=image_col, image_is_struct=is_struct, prompt_column=prompt_col, id_column=id_col,
+                 row_groups=row_groups)
 
 
 def _is_binary(t: pa.DataType) -> bool:
     return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t) or (
         hasattr(pa.types, "is_binary_view") and pa.types.is_binary_view(t)
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# WebDataset tars
+
+
+def _tar_shard(fs: pafs.FileSystem, info: pafs.FileInfo, rel: str) -> Shard:
+    from grefine_curate.pipelines.tar_shards import sample_offsets
+
+    offsets = tuple(sample_offsets(fs, info.path))
+    return Shard(kind="tar", fs=fs, path=info.path, rel=rel, num_rows=len(offsets),
+                 source_key=f"{info.size}:{info.mtime_ns}", tar_offsets=offsets)
+
+
+def _is_tar(path: str) -> bool:
+    return path.lower().endswith(".tar")
+
+
+def _without_sidecars(pq_infos: list, tar_infos: list) -> list:
+    """Parquet files beside a tar of the same name are its sidecar (img2dataset, or our own output): not input."""
+    stems = {i.path[:-4] for i in tar_infos}
+    return [i for i in pq_infos if i.path[: -len(".parquet")] not in stems]
+
+
+def _file_shards(fs: pafs.FileSystem, base: str, pq_infos: list, tar_infos: list, columns: ColumnSpec) -> list[Shard]:
+    """Parquet and tar shards of a listing, in path order."""
+    pq_infos = _without_sidecars(pq_infos, tar_infos)
+    out = []
+    for i in sorted(pq_infos + tar_infos, key=lambda i: i.path):
+        rel = safe_relpath(_rel(base, i.path))
+        out.append(_tar_shard(fs, i, rel) if _is_tar(i.path) else _parquet_shard(fs, i, rel, columns))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,13 +428,13 @@ def discover(inputs: list[str], columns: ColumnSpec = ColumnSpec(), out: str | N
         found = _discover_one(fs, path, uri, columns, out_path, folder_shard_size)
         if not found:
             raise InputError(
-                f"{uri}: no input found (no .parquet files and no images with extensions "
+                f"{uri}: no input found (no .parquet or .tar files and no images with extensions "
                 f"{', '.join(IMAGE_EXTENSIONS)}); check the path"
             )
         shards.extend(found)
     seen: dict[str, str] = {}
     for s in shards:
-        keys = [s.rel] + [f"images/{safe_relpath(it.rel)}" for it in s.items]
+        keys = [s.rel] + ([s.record_rel] if s.record_rel != s.rel else []) + [f"images/{safe_relpath(it.rel)}" for it in s.items]
         for key in keys:
             if key in seen and seen[key] != s.path:
                 raise InputError(
@@ -419,9 +463,10 @@ def _discover_one(fs: pafs.FileSystem, path: str, uri: str, columns: ColumnSpec,
         infos = [i for i in infos if not _inside(i.path, out_path) and not is_hidden_or_state(_rel(base, i.path))]
         infos = sorted(infos, key=lambda i: i.path)
         pq_infos = [i for i in infos if i.path.endswith(".parquet")]
-        _refuse_mixed(uri, pq_infos, infos)
-        if pq_infos:
-            return [_parquet_shard(fs, i, safe_relpath(_rel(base, i.path)), columns) for i in pq_infos]
+        tar_infos = [i for i in infos if _is_tar(i.path)]
+        _refuse_mixed(uri, pq_infos + tar_infos, infos)
+        if pq_infos or tar_infos:
+            return _file_shards(fs, base, pq_infos, tar_infos, columns)
         only = {_rel(base, i.path) for i in infos if i.path.lower().endswith(IMAGE_EXTENSIONS)}
         if not only:
             return []
@@ -434,18 +479,21 @@ def _discover_one(fs: pafs.FileSystem, path: str, uri: str, columns: ColumnSpec,
     if info.type == pafs.FileType.File:
         if path.endswith(".parquet"):
             return [_parquet_shard(fs, info, safe_relpath(posixpath.basename(path)), columns)]
+        if _is_tar(path):
+            return [_tar_shard(fs, info, safe_relpath(posixpath.basename(path)))]
         if path.lower().endswith(IMAGE_EXTENSIONS):
             parent = posixpath.dirname(path)
             every = fs.get_file_info(pafs.FileSelector(parent, recursive=False))
             every = [i for i in every if i.type == pafs.FileType.File]
             return _folder_shards(fs, parent, every, posixpath.splitext(posixpath.basename(path))[0], columns,
                                   folder_shard_size, {posixpath.basename(path)})
-        raise InputError(f"{uri}: not a .parquet file, an image or a directory")
+        raise InputError(f"{uri}: not a .parquet file, a WebDataset .tar, an image or a directory")
     infos = _without_nested_outputs([i for i in _list_files(fs, path) if not _inside(i.path, out_path)], path)
     infos = [i for i in infos if not is_hidden_or_state(_rel(path, i.path))]
-    pq_infos = sorted((i for i in infos if i.path.endswith(".parquet")), key=lambda i: i.path)
-    _refuse_mixed(uri, pq_infos, infos)
-    if pq_infos:
-        return [_parquet_shard(fs, i, safe_relpath(_rel(path, i.path)), columns) for i in pq_infos]
+    pq_infos = [i for i in infos if i.path.endswith(".parquet")]
+    tar_infos = [i for i in infos if _is_tar(i.path)]
+    _refuse_mixed(uri, pq_infos + tar_infos, infos)
+    if pq_infos or tar_infos:
+        return _file_shards(fs, path, pq_infos, tar_infos, columns)
     name = posixpath.basename(path.rstrip("/")) or "images"
     return _folder_shards(fs, path, infos, name, columns, folder_shard_size)
