@@ -28,6 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from job_throughput import PROMPTS, make_images  # noqa: E402  (same data generator)
+from grefine_curate.pipelines.sources import STATE_DIR  # noqa: E402
 
 BATCH = 16
 
@@ -77,8 +78,8 @@ def main() -> None:
             for w in (1, 2):
                 out = os.path.join(work, f"out-{w}-{r}")
                 s = run(inp, out, w, args.unit_rows)
-                man = json.load(open(os.path.join(out, "_grefine", "manifest.json")))["run"]
-                marker = json.load(open(os.path.join(out, "_grefine", "shards", "one.parquet.json")))
+                man = json.load(open(os.path.join(out, STATE_DIR, "manifest.json")))["run"]
+                marker = json.load(open(os.path.join(out, STATE_DIR, "shards", "one.parquet.json")))
                 # units working at once: their seconds added up over the busy wall time (2.0 = both workers
                 # busy throughout, however slow the shared CPUs made each of them)
                 overlap = sum(u["seconds"] for u in marker["units"]) / max(s.wall_s - s.startup_s, 1e-9)
