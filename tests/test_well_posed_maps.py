@@ -87,7 +87,7 @@ class OneHot:
         return out
 
 
-def test_flat_A_is_the_nouns_score_not_zero_and_a_perfect_image_is_not_fully_masked():
+def test_flat_A_is_the_parents_score_not_zero():
     aq = AQMap(None, AQConfig(), TextFeatureCache(encoder=OneHot()), nlp=load_spacy("en_core_web_sm"))
     tok = torch.zeros(1, 1 + 4, D)
     tok[0, 0, [0, 1, 2]] = torch.tensor([0.3, 0.2, -0.2])  # CLS: prompt and cat present, sofa not
@@ -98,10 +98,11 @@ def test_flat_A_is_the_nouns_score_not_zero_and_a_perfect_image_is_not_fully_mas
     cat_score = r.phrases[0].a_pns
     np.testing.assert_allclose(r.A, cat_score, atol=1e-6)  # before: zeros, the defect had nowhere to go
     assert 0.5 < cat_score < 1.0
-    # p = 1 with a flat P and one unmatched phrase: before, P = 0 made the mask cover 100%.
+    # With P = 1 the mask is A's: a parent that is present (score > 0.5) but has no location puts
+    # the unmatched noun anywhere (the whole image); a parent scored below the threshold would not.
     P = np.ones((8, 8), dtype=np.float32)
-    mask = build_mask(P, r.A, MaskConfig(dilate=0, feather=0, threshold=0.5))
-    assert mask.all() == (cat_score > 0.5)  # 1 - P + A = A: the whole image only as far as A says
+    assert build_mask(P, r.A, MaskConfig(dilate=0, feather=0, threshold=0.5)).all()
+    assert not build_mask(P, r.A, MaskConfig(dilate=0, feather=0, threshold=cat_score + 0.01)).any()
 
 
 # -- saturation -----------------------------------------------------------------------------------
