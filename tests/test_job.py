@@ -74,7 +74,7 @@ def test_model_failure_on_a_batch_is_isolated_to_the_bad_item(tmp_path):
     assert engine.batches[:2] == [3, 3] and engine.batches[2:5] == [1, 1, 1]  # batch 2 retried item by item
 
 
-def test_hf_struct_column_gets_refined_bytes_and_keeps_its_path(tmp_path):
+def test_hf_struct_column_gets_refined_bytes_and_a_path_naming_their_format(tmp_path):
     write_shard(str(tmp_path / "s.parquet"), 5, struct=True)
     shard = discover([str(tmp_path / "s.parquet")])[0]
     engine = FakeEngine()
@@ -84,11 +84,11 @@ def test_hf_struct_column_gets_refined_bytes_and_keeps_its_path(tmp_path):
     assert out.schema.field("image").type == src.schema.field("image").type
     for a, b, route in zip(src.column("image").to_pylist(), out.column("image").to_pylist(),
                            out.column(C.ROUTE).to_pylist()):
-        assert b["path"] == a["path"]
-        if route in ("light", "full"):
+        if route in ("light", "full"):  # img0.jpg refined to PNG bytes is img0.png (issue 16)
             assert b["bytes"] != a["bytes"] and Image.open(io.BytesIO(b["bytes"])).format == "PNG"
+            assert b["path"] == a["path"].rsplit(".", 1)[0] + ".png"
         else:
-            assert b["bytes"] == a["bytes"]
+            assert b["bytes"] == a["bytes"] and b["path"] == a["path"]
     feats = json.loads(out.schema.metadata[b"huggingface"])["info"]["features"]
     assert feats["image"] == {"_type": "Image"} and feats[C.STATUS] == {"dtype": "string", "_type": "Value"}
     assert set(feats) == {"image", "prompt", *[f for f in out.column_names if f.startswith(("grefine", "pq", "aq", "unm"))]}
@@ -346,7 +346,8 @@ def test_missing_weights_are_found_before_any_executor_starts(tmp_path, monkeypa
                         models_dir=str(tmp_path / "models")))
         msg = str(e.value)
         assert "ViT-B-16-quickgelu" in msg and str(tmp_path / "models") in msg and "models pull" in msg
-    assert not (tmp_path / "out" / "__grefine__" / "manifest.json").exists()  # nothing written
+    man = json.loads((tmp_path / "out" / "__grefine__" / "manifest.json").read_text())
+    assert man["state"] == "failed" and "ModelUnavailableError" in man["error"]  # the failed start is recorded
 
 
 
@@ -448,18 +449,15 @@ def test_no_resume_recomputes_a_changed_config_without_force(tmp_path):
 def test_interrupted_summary_agrees_with_the_shards_on_disk(tmp_path, monkeypatch):
     """Ctrl-C with Ray: a worker may finish a shard the driver has not heard of yet; the summary counts
     complete shards from their markers, and says which are unfinished."""
-    from grefine_curate.pipelines import job as job_module
-
     write_dataset(str(tmp_path / "in"), shards=3, rows=2)
-    real = executors.run_local
 
-    def interrupted(tasks, spec, opts, progress, **kw):
-        rep = real(tasks[:2], spec, opts, progress, **kw)  # two shards finish on disk ...
-        rep.results, rep.interrupted = rep.results[:1], True  # ... the driver saw one when Ctrl-C came
-        return rep
+    class Interrupted(executors.LocalExecutor):  # an injected executor
+        def run(self, tasks, spec, opts, progress, finish=None):
+            rep = super().run(tasks[:2], spec, opts, progress, finish)  # two shards finish on disk ...
+            rep.results, rep.interrupted = rep.results[:1], True  # ... the driver saw one when Ctrl-C came
+            return rep
 
-    monkeypatch.setattr(job_module, "run_local", interrupted)
-    s = run_job(job(tmp_path, [tmp_path / "in"], mode="score"))
+    s = run_job(job(tmp_path, [tmp_path / "in"], mode="score", executor_impl=Interrupted()))
     assert (s.exit_code, s.rows, s.shards_run, s.rows_this_run) == (130, 4, 2, 4)
     assert s.lines()[0].startswith("interrupted: 4 rows in 2 of 3 shards") and "1 unfinished" in s.lines()[0]
     man = json.loads((tmp_path / "out" / "__grefine__" / "manifest.json").read_text())

@@ -11,6 +11,7 @@ import pytest
 
 from grefine_curate.pipelines import columns as C
 from grefine_curate.pipelines.job import JobConfig, run_job
+from grefine_curate.pipelines.faults import DieOnce, NoModels
 from grefine_curate.pipelines.sources import TMP_MARK
 from job_corpus import write_dataset, write_folder
 
@@ -34,10 +35,10 @@ def test_ray_matches_local_and_survives_a_worker_death(tmp_path, ray_session, mo
     write_dataset(str(inp), shards=3, rows=4)
     write_folder(str(tmp_path / "in-folder"), n=3)
     sentinel = tmp_path / "died-once"
-    monkeypatch.setenv("GREFINE_TEST_DIE_ONCE", str(sentinel))  # forwarded to the actors' environment
     common = dict(inputs=[str(inp), str(tmp_path / "in-folder")], preset="tiny", mode="score", batch_size=2,
                   quiet=True, save_maps=True, keep_images=True)
-    ray_sum = run_job(JobConfig(out=str(tmp_path / "ray"), executor="ray", workers=2, **common))
+    ray_sum = run_job(JobConfig(out=str(tmp_path / "ray"), executor="ray", workers=2,  # injected: reaches the actors
+                                batch_hook=DieOnce(str(sentinel)), **common))
     assert sentinel.exists(), "the test hook did not fire: no worker died"
     assert ray_sum.exit_code == 0, ray_sum.lines()
     assert ray_sum.retries == 1 and ray_sum.shards_run == 4 and ray_sum.rows == 15
@@ -45,7 +46,6 @@ def test_ray_matches_local_and_survives_a_worker_death(tmp_path, ray_session, mo
     man = json.loads((tmp_path / "ray" / "__grefine__" / "manifest.json").read_text())
     assert man["run"]["executor"] == "ray" and man["run"]["workers"] == 2 and man["run"]["retries"] == 1
 
-    monkeypatch.delenv("GREFINE_TEST_DIE_ONCE")
     import torch
 
     threads = torch.get_num_threads()
@@ -108,7 +108,6 @@ def test_ray_reuse_of_an_audit_with_nothing_to_refine_loads_no_model(tmp_path, r
     write_dataset(str(inp), shards=2, rows=3)
     common = dict(inputs=[str(inp)], preset="tiny", batch_size=3, quiet=True)
     assert run_job(JobConfig(out=str(tmp_path / "audit"), mode="score", executor="local", **common)).exit_code == 0
-    monkeypatch.setenv("GREFINE_TEST_NO_MODELS", "1")  # forwarded to the actors: building models raises
     s = run_job(JobConfig(out=str(tmp_path / "out"), executor="ray", workers=1, scores=str(tmp_path / "audit"),
-                          refine_worst=0.0, **common))
+                          refine_worst=0.0, engine_factory=NoModels(), **common))  # building models raises
     assert s.exit_code == 0 and s.routes == {"skip": 6}, s.lines()

@@ -23,7 +23,7 @@ def test_directory_is_searched_recursively_in_path_order(tmp_path):
     shards = discover([str(tmp_path / "data")])
     assert [s.rel for s in shards] == ["part-a/shard-000.parquet", "part-a/shard-002.parquet",
                                        "part-b/shard-001.parquet"]
-    assert all(s.num_rows == 4 and s.kind == "parquet" for s in shards)
+    assert all(s.num_rows == 4 and s.format == "parquet" for s in shards)
     assert shards[0].image_column == "image" and shards[0].prompt_column == "prompt"
     assert shards[0].id_column is None and not shards[0].image_is_struct
 

@@ -45,15 +45,15 @@ def _files(root) -> list[str]:
 
 
 def test_units_are_whole_row_groups_and_respect_the_row_cap():
-    shard = Shard(kind="parquet", fs=None, path="x", rel="x", num_rows=23, source_key="k",
+    shard = Shard(format="parquet", fs=None, path="x", rel="x", num_rows=23, source_key="k",
                   row_groups=(5, 5, 5, 5, 3))
     units = U.plan_units(shard, None, 8)
     assert [(u.start, u.stop, u.row_groups) for u in units] == [(0, 10, (0, 1)), (10, 20, (2, 3)), (20, 23, (4,))]
     assert [(u.start, u.stop) for u in U.plan_units(shard, 12, 5)] == [(0, 5), (5, 10), (10, 12)]
     assert [(u.start, u.stop) for u in U.plan_units(shard, None, 1000)] == [(0, 23)]
-    one_group = Shard(kind="parquet", fs=None, path="x", rel="x", num_rows=20000, source_key="k", row_groups=(20000,))
+    one_group = Shard(format="parquet", fs=None, path="x", rel="x", num_rows=20000, source_key="k", row_groups=(20000,))
     assert len(U.plan_units(one_group, None, 256)) == 1  # a unit never splits a row group
-    folder = Shard(kind="folder", fs=None, path="d", rel="scores/d-00000.parquet", num_rows=5, source_key="k")
+    folder = Shard(format="imagefolder", fs=None, path="d", rel="scores/d-00000.parquet", num_rows=5, source_key="k")
     assert [(u.start, u.stop) for u in U.plan_units(folder, None, 2)] == [(0, 2), (2, 4), (4, 5)]
 
 
@@ -173,13 +173,12 @@ def test_units_of_all_files_are_scheduled_largest_first(tmp_path, monkeypatch):
     _big_shard(tmp_path / "in" / "b-big.parquet", n=20, group=5)
     seen = []
 
-    def capture(tasks, spec, opts, progress, **kw):
-        seen.extend((t.shard.rel, t.start, t.rows) for t in tasks)
-        return ExecReport()
+    class Capture:  # an injected executor: sees the tasks, runs nothing
+        def run(self, tasks, spec, opts, progress, finish=None):
+            seen.extend((t.shard.rel, t.start, t.rows) for t in tasks)
+            return ExecReport()
 
-    monkeypatch.setattr(job_module, "run_local", capture)
-    monkeypatch.setattr(job_module, "check_weights", lambda *a: None)
-    run_job(_cfg(tmp_path / "in", tmp_path / "out", unit_rows=10))
+    run_job(_cfg(tmp_path / "in", tmp_path / "out", unit_rows=10, executor_impl=Capture()))
     assert seen == [("b-big.parquet", 0, 10), ("b-big.parquet", 10, 10), ("a-small.parquet", 0, 6)]
 
 

@@ -433,7 +433,7 @@ def eval_cmd(
 
 @app.command()
 def report(
-    out: Annotated[Path, typer.Argument(help="Output folder of a `run` or `score` job.")],
+    out: Annotated[str, typer.Argument(help="Output folder of a `run` or `score` job (local path or URI).")],
     worst: Annotated[int, typer.Option("--worst", help="How many of the worst items to show.")] = 24,
     best: Annotated[int, typer.Option("--best", help="How many of the best items to show.")] = 12,
     per_route: Annotated[int, typer.Option("--per-route", help="Items shown on each route's page (worst first).")] = 12,
@@ -450,7 +450,7 @@ def report(
 @app.command("export")
 def export_cmd(
     out: Annotated[str, typer.Argument(help="Output folder of a `run` or `score` job.")],
-    to: Annotated[str, typer.Option("--to", help="New (or empty) folder to write the data set to.")],
+    to: Annotated[str, typer.Option("--to", help="New (or empty) folder to write the data set to: a local path or a URI (s3://bucket/prefix).")],
     where: Annotated[Optional[str], typer.Option("--where", help="Keep only rows matching this condition: comparisons COLUMN OP VALUE (< <= > >= == !=; a number, 'text' or null) with and/or/not and parentheses, e.g. \"pq_score_after >= 0.6 and grefine_route != 'reverted'\".")] = None,
     fmt: Annotated[str, typer.Option("--format", help="parquet (Hugging Face image structs), webdataset (.tar shards) or imagefolder (files + metadata.jsonl).")] = "parquet",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -497,7 +497,7 @@ def _job(
 
 
 InputsArg = Annotated[list[str], typer.Argument(help="Parquet shards or WebDataset .tar shards (file, directory searched recursively, or glob) or image folders; local paths or s3:// / gs:// URIs.")]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+OutOpt = Annotated[str, typer.Option("--out", "-o", help="Output folder: a local path or a URI (s3://bucket/prefix, gs://...); never folded into a local path.")]
 ExecutorOpt = Annotated[str, typer.Option("--executor", help="ray (default; local instance or a cluster) or local (in-process).")]
 AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance).")]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="Ray actors (default: one per GPU; on a CPU-only cluster its CPUs // 4, at least 1).")]

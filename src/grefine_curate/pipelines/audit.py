@@ -31,8 +31,9 @@ from grefine_curate.curate.routing import choose_route
 from grefine_curate.pipelines import columns as C
 from grefine_curate.pipelines.layout import migrate_legacy_layout
 from grefine_curate.pipelines.manifest import config_changes, manifest_path
-from grefine_curate.pipelines.sinks import marker_path, read_json
-from grefine_curate.pipelines.sources import Shard, fs_uri, join, resolve_fs
+from grefine_curate.pipelines.commit import read_json
+from grefine_curate.pipelines.paths import fs_uri, join, marker_path, resolve_fs
+from grefine_curate.pipelines.work import Shard
 
 SCORING_SECTIONS = ("clip", "pq", "aq", "max_pixels")  # the preset parts that decide p, a, P, A
 
@@ -87,7 +88,7 @@ def open_audit(uri: str, shards: list[Shard], caps: list[int | None], preset: Pr
                              f"{fs_uri(shard.fs, shard.path)}; pass the same inputs")
         marker = read_json(fs, marker_path(root, shard.rel))
         if marker is None or marker.get("fingerprint") != fingerprint or \
-                fs.get_file_info(join(root, shard.rel)).type != pafs.FileType.File:
+                fs.get_file_info(join(root, shard.record_rel)).type != pafs.FileType.File:
             raise InputError(f"{where} is not complete in the audit; rerun the `score` command that made it "
                              "(it resumes) before reusing it")
         if marker.get("source_key") != shard.source_key:
@@ -105,7 +106,7 @@ def read_scores(audit: Audit, shards: list[Shard], caps: list[int | None]) -> tu
     fs, _ = resolve_fs(audit.uri)
     ps, as_ = [], []
     for shard, cap in zip(shards, caps):
-        with fs.open_input_file(join(audit.root, shard.rel)) as f:
+        with fs.open_input_file(join(audit.root, shard.record_rel)) as f:
             t = pq.ParquetFile(f).read(columns=[C.STATUS, C.PQ_SCORE, C.AQ_SCORE])
         if cap is not None:
             t = t.slice(0, cap)

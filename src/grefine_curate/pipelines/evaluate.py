@@ -33,7 +33,7 @@ from grefine_curate.curate.images import decode_image
 from grefine_curate.curate.results import ScoreResult
 from grefine_curate.pipelines import stats
 from grefine_curate.pipelines.labelled import iter_labelled
-from grefine_curate.pipelines.sources import Shard
+from grefine_curate.pipelines.work import Shard
 
 # Paper anchors (SRCC / PLCC), shown under the table for orientation, each with what makes the
 # paper's set-up differ from ours, so a user does not read them as a like-for-like target.
@@ -143,7 +143,7 @@ def iter_eval_items(
     items = iter_labelled(data, [c for c in (mos_column, align_mos_column) if c], image_column=image_column,
                           prompt_column=prompt_column, batch_rows=batch_rows)
     if align_mos_column:
-        no_prompt = [s.path for s in items.shards if s.kind == "parquet" and s.prompt_column is None]
+        no_prompt = [s.path for s in items.shards if s.image_column is not None and s.prompt_column is None]
         if no_prompt:
             raise InputError(
                 f"{no_prompt[0]}: --align-mos-column needs prompts, but no prompt column was found; "

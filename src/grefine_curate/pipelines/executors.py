@@ -25,10 +25,10 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from grefine_curate.curate.errors import ModelUnavailableError
-from grefine_curate.pipelines.sinks import clean_shard_temporaries
+from grefine_curate.pipelines.commit import clean_shard_temporaries
 from grefine_curate.pipelines.processor import (
     EngineSpec,
     ProcessOptions,
@@ -174,7 +174,7 @@ def run_local(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, pr
         return report
     t0 = time.perf_counter()
     if opts.scores_uri is not None:  # reusing an audit: models load only if an item needs them
-        from grefine_curate.pipelines.processor import LazyEngine
+        from grefine_curate.pipelines.engines import LazyEngine
 
         engine = LazyEngine(lambda: cached_engine(spec), spec.preset.seed)
     else:
@@ -230,7 +230,7 @@ class ShardWorker:
 
     def process(self, task: ShardTask, opts: ProcessOptions):
         if opts.scores_uri is not None and self.engine is None:  # reusing an audit: load only if needed
-            from grefine_curate.pipelines.processor import LazyEngine
+            from grefine_curate.pipelines.engines import LazyEngine
 
             engine = LazyEngine(self._engine, self.spec.preset.seed)
         else:
@@ -422,3 +422,36 @@ def run_ray(tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, prog
             ray.shutdown()
     return report
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The executor protocol: run units, report results; it knows no format
+
+
+class Executor(Protocol):
+    def run(self, tasks: list[ShardTask], spec: EngineSpec, opts: ProcessOptions, progress: Progress,
+            finish: Finish | None = None) -> ExecReport: ...
+
+
+@dataclass
+class LocalExecutor:
+    """Units one after another in this process (models cached per process)."""
+
+    def run(self, tasks, spec, opts, progress, finish=None) -> ExecReport:
+        return run_local(tasks, spec, opts, progress, finish=finish)
+
+
+@dataclass
+class RayExecutor:
+    """Units over Ray actors, largest first, on a local instance or a cluster."""
+
+    address: str | None = None
+    workers: int | None = None
+    gpus_per_worker: float = 1.0
+    max_attempts: int = 3
+    threads_per_worker: int | None = None
+
+    def run(self, tasks, spec, opts, progress, finish=None) -> ExecReport:
+        return run_ray(tasks, spec, opts, progress, address=self.address, workers=self.workers,
+                       gpus_per_worker=self.gpus_per_worker, max_attempts=self.max_attempts, finish=finish,
+                       threads_per_worker=self.threads_per_worker)

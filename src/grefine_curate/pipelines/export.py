@@ -48,16 +48,17 @@ import pyarrow.parquet as pq
 
 from grefine_curate.curate.errors import ConfigError, InputError
 from grefine_curate.pipelines import columns as C
-from grefine_curate.pipelines.layout import migrate_legacy_layout
-from grefine_curate.pipelines.manifest import manifest_path
-from grefine_curate.pipelines.report import ShardInfo, _list_output_shards
-from grefine_curate.pipelines.sinks import read_json, tmp_name, write_atomic
-from grefine_curate.pipelines.sources import IMAGE_COLUMN_CANDIDATES, join, resolve_fs, safe_relpath
+from grefine_curate.pipelines.commit import AtomicFile, write_atomic
+from grefine_curate.pipelines.formats import get_format
+from grefine_curate.pipelines.formats.base import ColumnStream, OutputView
+from grefine_curate.pipelines.job_view import open_job, output_names
+from grefine_curate.pipelines.paths import inside, join, resolve_fs, safe_relpath, store_error
 from grefine_curate.pipelines.where import parse_where
 
 FORMATS = ("parquet", "webdataset", "imagefolder")
 IMAGE = "image"  # the exported image column (Hugging Face convention)
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+ROW = "__grefine_row__"  # a row's position in its output shard while it is exported
 DROPPED = (C.STATUS, C.ERROR)  # every exported row is ok: these say nothing
 READ_ROWS = 256  # rows per record batch read from OUT
 
@@ -96,43 +97,6 @@ class ExportSummary:
 # Reading OUT
 
 
-class _ColumnStream:
-    """Columns of one Parquet file read in step with another file of the same rows (same order)."""
-
-    def __init__(self, fs: pafs.FileSystem, path: str, columns: list[str] | None):
-        self._f = fs.open_input_file(path)
-        pf = pq.ParquetFile(self._f)
-        self.schema = pf.schema_arrow if columns is None else pa.schema([pf.schema_arrow.field(c) for c in columns])
-        self._it = pf.iter_batches(batch_size=READ_ROWS, columns=columns)
-        self._buf: pa.Table | None = None
-
-    def take(self, n: int) -> pa.Table:
-        parts = [] if self._buf is None else [self._buf]
-        have = 0 if self._buf is None else self._buf.num_rows
-        while have < n:
-            b = next(self._it, None)
-            if b is None:
-                raise InputError("an input shard has fewer rows than its output; was it changed after the job?")
-            parts.append(pa.Table.from_batches([b]))
-            have += b.num_rows
-        t = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-        self._buf = t.slice(n) if t.num_rows > n else None
-        return t.slice(0, n)
-
-    def close(self) -> None:
-        self._f.close()
-
-
-def _image_bytes(v: Any) -> bytes | None:
-    if isinstance(v, dict):
-        v = v.get("bytes")
-    return bytes(v) if isinstance(v, (bytes, bytearray)) and len(v) else None
-
-
-def _image_path(v: Any) -> str | None:
-    return v.get("path") if isinstance(v, dict) else None
-
-
 def image_extension(data: bytes) -> str:
     """The file extension of encoded image bytes, from their magic number."""
     if data[:3] == b"\xff\xd8\xff":
@@ -150,72 +114,26 @@ def image_extension(data: bytes) -> str:
     return "img"
 
 
-def _read_file(fs: pafs.FileSystem, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-@dataclass
-class _Source:
-    """Where one output shard's final images and input columns come from."""
-
-    kind: str  # "column" (in OUT) | "input" (the input shard, same row) | "folder"
-    image_column: str | None  # the image column in OUT or in the input shard
-    folder_root: str | None = None  # folder: where the final images are (OUT/images or the input folder)
-    folder_fs: pafs.FileSystem | None = None
-    input_fs: pafs.FileSystem | None = None
-    input_path: str | None = None
-
-
-def _source(fs: pafs.FileSystem, root: str, shard: ShardInfo, names: list[str], manifest: dict) -> _Source:
-    rc = manifest.get("result_config") or {}
-    mode = rc.get("mode") or "refine"
-    explicit = (rc.get("columns") or {}).get("image")
-    if C.SOURCE in names:  # folder input
-        if mode == "refine" or rc.get("keep_images"):
-            return _Source("folder", None, folder_root=join(root, "images"), folder_fs=fs)
-        if not shard.input:
-            raise InputError(f"{shard.rel}: the manifest does not say which folder it was read from")
-        in_fs, in_root = resolve_fs(shard.input)
-        return _Source("folder", None, folder_root=in_root, folder_fs=in_fs)
-    col = explicit if explicit in names else next((c for c in IMAGE_COLUMN_CANDIDATES if c in names), None)
-    if mode == "refine" and col is not None:
-        return _Source("column", col)
-    if not shard.input:
-        raise InputError(f"{shard.rel}: no image column and no input recorded in the manifest")
-    in_fs, in_path = resolve_fs(shard.input)
-    with in_fs.open_input_file(in_path) as f:
-        in_names = pq.ParquetFile(f).schema_arrow.names
-    in_col = explicit if explicit in in_names else next((c for c in IMAGE_COLUMN_CANDIDATES if c in in_names), None)
-    if in_col is None:
-        raise InputError(f"{shard.input}: no image column found (looked for {', '.join(IMAGE_COLUMN_CANDIDATES)})")
-    return _Source("input", in_col, input_fs=in_fs, input_path=in_path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Rows
-
-
-def _rows(fs: pafs.FileSystem, root: str, shard: ShardInfo, manifest: dict, where_text: str | None,
+def _rows(view: OutputView, where_text: str | None,
           summary: ExportSummary) -> Iterator[tuple[pa.Table, list[bytes | None], list[str | None]]]:
-    """(exported columns, final image bytes, image path) per batch of one output shard, ok rows only."""
-    with fs.open_input_file(shard.path) as f:
-        names = pq.ParquetFile(f).schema_arrow.names
-    src = _source(fs, root, shard, names, manifest)
-    out = _ColumnStream(fs, shard.path, None)
-    inp = None
-    if src.kind == "input":  # score output of a Parquet input: images and input columns from the input row
-        inp = _ColumnStream(src.input_fs, src.input_path, None)
+    """(exported columns, final image bytes, image path) per batch of one output shard, ok rows only;
+    the shard's format says where its final images are and which input columns the output lacks."""
+    fmt = get_format(view.format)
+    out = ColumnStream(view.out_fs, view.path, None, READ_ROWS)
+    inp = fmt.input_columns(view)
     where = None
     if where_text:
         where = parse_where(where_text, out.schema if inp is None else _merged_schema(inp.schema, out.schema))
     try:
-        left = shard_rows(fs, shard.path)
+        left = shard_rows(view.out_fs, view.path)
+        pos = 0
         while left > 0:
             n = min(READ_ROWS, left)
             t = out.take(n)
             if inp is not None:
                 t = _merge(inp.take(n), t)
+            t = t.append_column(ROW, pa.array(range(pos, pos + n), pa.int64()))
+            pos += n
             left -= n
             summary.rows_in += n
             ok = pc.equal(t.column(C.STATUS), C.STATUS_OK)
@@ -227,8 +145,14 @@ def _rows(fs: pafs.FileSystem, root: str, shard: ShardInfo, manifest: dict, wher
                 summary.where_left_out += before - kept.num_rows
             if kept.num_rows == 0:
                 continue
-            images, paths = _images(kept, src, summary)
-            yield kept, images, paths
+            got = fmt.images(view, kept, kept.column(ROW).to_pylist(), final=True)
+            images = [b for b, _ in got]
+            paths = [p for _, p in got]
+            for b, p in got:
+                if b is None and summary.missing_example is None:
+                    summary.missing_example = f"{view.rel}: the image {p!r} cannot be read" if p else \
+                        f"{view.rel}: an image cell is null or empty"
+            yield kept.drop_columns([ROW]), images, paths
     finally:
         out.close()
         if inp is not None:
@@ -251,26 +175,6 @@ def _merge(inp: pa.Table, out: pa.Table) -> pa.Table:
     cols = {c: inp.column(c) for c in inp.column_names if c not in names}
     cols.update({c: out.column(c) for c in out.column_names})
     return pa.table(cols)
-
-
-def _images(t: pa.Table, src: _Source, summary: ExportSummary) -> tuple[list[bytes | None], list[str | None]]:
-    if src.kind == "folder":
-        rels = t.column(C.SOURCE).to_pylist()
-        images, paths = [], []
-        for rel in rels:
-            try:
-                images.append(_read_file(src.folder_fs, join(src.folder_root, safe_relpath(rel))))
-            except (OSError, pa.ArrowInvalid, InputError) as e:
-                images.append(None)
-                summary.missing_example = summary.missing_example or f"{rel}: {e}"
-            paths.append(rel)
-        return images, paths
-    values = t.column(src.image_column).to_pylist()
-    images = [_image_bytes(v) for v in values]
-    for v, b in zip(values, images):
-        if b is None and summary.missing_example is None:
-            summary.missing_example = f"an image cell is null or empty (path {_image_path(v)!r})"
-    return images, [_image_path(v) for v in values]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,40 +260,45 @@ def _prompt_column(t: pa.Table) -> str | None:
 
 
 class _ParquetOut:
+    """DIR/<output shard path>: one Parquet file per output shard (zero-row shards are not written)."""
+
     def __init__(self, fs, to_root):
         self.fs, self.root = fs, to_root
-        self.writer = self.stream = self.tmp = self.path = None
+        self.file: AtomicFile | None = None
+        self.writer = None
 
     def open(self, rel: str) -> None:
         self.path = join(self.root, rel)
-        self.writer = None
 
     def write(self, t: pa.Table, keys: list[str], summary: ExportSummary) -> None:
         if self.writer is None:
-            self.fs.create_dir(posixpath.dirname(self.path), recursive=True)
-            self.tmp = tmp_name(self.path)
-            self.stream = self.fs.open_output_stream(self.tmp)
+            self.file = AtomicFile(self.fs, self.path)
             self.schema = _with_hf_features(t.schema)
-            self.writer = pq.ParquetWriter(self.stream, self.schema, compression="zstd")
+            self.writer = pq.ParquetWriter(self.file.stream, self.schema, compression="zstd")
         self.writer.write_table(t.cast(self.schema) if t.schema != self.schema else t)
 
     def close(self, summary: ExportSummary) -> None:
         if self.writer is not None:
             self.writer.close()
-            self.stream.close()
-            self.fs.move(self.tmp, self.path)
+            self.file.commit()
             summary.files += 1
-            self.writer = None
+            self.writer = self.file = None
+
+    def abort(self) -> None:
+        if self.file is not None:
+            self.file.abort()
 
 
 class _TarOut:
+    """DIR/<output shard path>.tar: one WebDataset sample per row."""
+
     def __init__(self, fs, to_root):
         self.fs, self.root = fs, to_root
         self.tar = None
+        self.file: AtomicFile | None = None
 
     def open(self, rel: str) -> None:
         self.path = join(self.root, (rel[: -len(".parquet")] if rel.endswith(".parquet") else rel) + ".tar")
-        self.tar = None
 
     def _add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -398,10 +307,8 @@ class _TarOut:
 
     def write(self, t: pa.Table, keys: list[str], summary: ExportSummary) -> None:
         if self.tar is None:
-            self.fs.create_dir(posixpath.dirname(self.path), recursive=True)
-            self.tmp = tmp_name(self.path)
-            self.stream = self.fs.open_output_stream(self.tmp)
-            self.tar = tarfile.open(fileobj=self.stream, mode="w|")
+            self.file = AtomicFile(self.fs, self.path)
+            self.tar = tarfile.open(fileobj=self.file.stream, mode="w|")
         keep = _json_columns(t, summary)
         prompt = _prompt_column(t)
         meta = t.select(keep).to_pylist()
@@ -420,27 +327,34 @@ class _TarOut:
     def close(self, summary: ExportSummary) -> None:
         if self.tar is not None:
             self.tar.close()
-            self.stream.close()
-            self.fs.move(self.tmp, self.path)
+            self.file.commit()
             summary.files += 1
-            self.tar = None
+            self.tar = self.file = None
+
+    def abort(self) -> None:
+        if self.file is not None:
+            self.file.abort()
 
 
 class _FolderOut:
+    """DIR/<key>.<ext> and DIR/metadata.jsonl, maps in DIR/maps/ named by ``pq_map_file_name``.
+
+    Flat on purpose: a folder named after an output shard (``train-00000.parquet`` -> ``train/``)
+    would be read by ``datasets`` as a split of its own, with the metadata file outside it."""
+
     def __init__(self, fs, to_root):
         self.fs, self.root = fs, to_root
         self.meta: list[bytes] = []
 
     def open(self, rel: str) -> None:
-        self.prefix = rel[: -len(".parquet")] if rel.endswith(".parquet") else rel
+        pass
 
     def write(self, t: pa.Table, keys: list[str], summary: ExportSummary) -> None:
         keep = _json_columns(t, summary)
         meta = t.select(keep).to_pylist()
         for i, img in enumerate(t.column(IMAGE).to_pylist()):
             key = keys[i]
-            ext = image_extension(img["bytes"])
-            name = safe_relpath(f"{self.prefix}/{key}.{ext}")
+            name = f"{key}.{image_extension(img['bytes'])}"
             write_atomic(self.fs, join(self.root, name), img["bytes"])
             summary.files += 1
             row = {"file_name": name, **_jsonable(meta[i])}
@@ -449,13 +363,16 @@ class _FolderOut:
                     v = t.column(m)[i].as_py()
                     row[f"{m}_file_name"] = None
                     if v is not None:
-                        mname = safe_relpath(f"maps/{self.prefix}/{key}.{m}.png")
+                        mname = f"maps/{key}.{m}.png"
                         write_atomic(self.fs, join(self.root, mname), v["bytes"])
                         summary.files += 1
                         row[f"{m}_file_name"] = mname
             self.meta.append(json.dumps(row, ensure_ascii=False).encode())
 
     def close(self, summary: ExportSummary) -> None:
+        pass
+
+    def abort(self) -> None:
         pass
 
     def finish(self, summary: ExportSummary) -> None:
@@ -474,83 +391,83 @@ def export(out_dir: str, to: str, where: str | None = None, fmt: str = "parquet"
     fmt = fmt.lower()
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
-    fs, root = resolve_fs(out_dir)
-    migrate_legacy_layout(fs, root)
-    manifest = read_json(fs, manifest_path(root))
-    if manifest is None:
-        raise InputError(f"{out_dir}: no job manifest; pass the --out folder of a `run` or `score` job")
+    if where is not None and not where.strip():
+        raise ConfigError("--where is empty; give a condition (e.g. \"pq_score >= 0.5\") or leave the option out")
+    job = open_job(out_dir)
+    fs, root = job.fs, job.root
     to_fs, to_root = resolve_fs(to)
-    if to_root.rstrip("/") == root.rstrip("/") or to_root.startswith(root.rstrip("/") + "/"):
+    if type(to_fs) is type(fs) and inside(to_root.rstrip("/"), root.rstrip("/")):
         raise ConfigError(f"--to {to} is inside OUT {out_dir}; export to a folder outside it")
-    info = to_fs.get_file_info(to_root)
-    if info.type == pafs.FileType.File or (
-            info.type == pafs.FileType.Directory and to_fs.get_file_info(pafs.FileSelector(to_root))):
-        raise ConfigError(f"--to {to} exists and is not an empty folder; choose a new folder")
-    shards = _list_output_shards(fs, root, manifest)
-    expected = len(manifest.get("inputs") or []) or len(shards)
+    try:
+        info = to_fs.get_file_info(to_root)
+        if info.type == pafs.FileType.File or (
+                info.type == pafs.FileType.Directory and to_fs.get_file_info(pafs.FileSelector(to_root))):
+            raise ConfigError(f"--to {to} exists and is not an empty folder; choose a new folder")
+    except OSError as e:
+        raise store_error(to, e) from e
+    views = job.outputs
     if where:  # check the expression against the first shard before writing anything
-        first = _source_schema(fs, root, shards[0], manifest) if shards else pa.schema([])
+        first = _view_schema(views[0]) if views else pa.schema([])
         parse_where(where, first)
     # 2. Rows, shard by shard
-    summary = ExportSummary(to=to_root, format=fmt, shards_missing=max(0, expected - len(shards)))
+    summary = ExportSummary(to=to_root, format=fmt, shards_missing=max(0, job.expected - len(views)))
     to_fs.create_dir(to_root, recursive=True)
     writer = {"parquet": _ParquetOut, "webdataset": _TarOut, "imagefolder": _FolderOut}[fmt](to_fs, to_root)
-    total = sum(shard_rows(fs, s.path) for s in shards)
+    total = sum(shard_rows(fs, v.path) for v in views)
     bar = None
     if not quiet:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc="export", unit="row", dynamic_ncols=True)
     count = 0
-    src_names: dict[str, str | None] = {}
-    for shard in shards:
-        writer.open(shard.rel)
-        seen = summary.rows_in
-        for t, images, paths in _rows(fs, root, shard, manifest, where, summary):
-            have = [b is not None for b in images]
-            if not all(have):
-                summary.missing_left_out += have.count(False)
-                t = t.filter(pa.array(have))
-                images = [b for b in images if b is not None]
-                paths = [p for p, h in zip(paths, have) if h]
-            if t.num_rows == 0:
-                continue
-            keys = [f"{count + i:09d}" for i in range(t.num_rows)]
-            count += t.num_rows
-            src = src_names.setdefault(shard.rel, _image_col_name(fs, root, shard, manifest))
-            table = _exported_table(t, images, paths, src, keys)
-            writer.write(table, keys, summary)
-            summary.rows_written += table.num_rows
+    try:
+        for view in views:
+            writer.open(view.rel)
+            seen = summary.rows_in
+            src = get_format(view.format).image_column(view, _view_schema(view).names)
+            for t, images, paths in _rows(view, where, summary):
+                have = [b is not None for b in images]
+                if not all(have):
+                    summary.missing_left_out += have.count(False)
+                    t = t.filter(pa.array(have))
+                    images = [b for b in images if b is not None]
+                    paths = [p for p, h in zip(paths, have) if h]
+                if t.num_rows == 0:
+                    continue
+                keys = [f"{count + i:09d}" for i in range(t.num_rows)]
+                count += t.num_rows
+                table = _exported_table(t, images, paths, src, keys)
+                writer.write(table, keys, summary)
+                summary.rows_written += table.num_rows
+                if bar is not None:
+                    bar.update(summary.rows_in - seen)
+                    seen = summary.rows_in
+            writer.close(summary)
             if bar is not None:
                 bar.update(summary.rows_in - seen)
-                seen = summary.rows_in
-        writer.close(summary)
+        if hasattr(writer, "finish"):
+            writer.finish(summary)
+    except BaseException:
+        writer.abort()  # the file being written; files already committed stay (a rerun needs an empty --to)
+        raise
+    finally:
         if bar is not None:
-            bar.update(summary.rows_in - seen)
-    if hasattr(writer, "finish"):
-        writer.finish(summary)
-    if bar is not None:
-        bar.close()
+            bar.close()
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _image_col_name(fs, root, shard: ShardInfo, manifest: dict) -> str | None:
-    with fs.open_input_file(shard.path) as f:
-        names = pq.ParquetFile(f).schema_arrow.names
-    src = _source(fs, root, shard, names, manifest)
-    return src.image_column
-
-
-def _source_schema(fs, root, shard: ShardInfo, manifest: dict) -> pa.Schema:
-    """The columns --where can name for this shard (the job's columns, and the input's for score outputs)."""
-    with fs.open_input_file(shard.path) as f:
+def _view_schema(view: OutputView) -> pa.Schema:
+    """The columns --where can name for this shard (the job's columns, and the input's where the output lacks them)."""
+    with view.out_fs.open_input_file(view.path) as f:
         out_schema = pq.ParquetFile(f).schema_arrow
-    src = _source(fs, root, shard, out_schema.names, manifest)
-    if src.kind != "input":
+    inp = get_format(view.format).input_columns(view)
+    if inp is None:
         return out_schema
-    with src.input_fs.open_input_file(src.input_path) as f:
-        return _merged_schema(pq.ParquetFile(f).schema_arrow, out_schema)
+    try:
+        return _merged_schema(inp.schema, out_schema)
+    finally:
+        inp.close()
 
 
 __all__ = ["FORMATS", "ExportSummary", "export", "image_extension"]

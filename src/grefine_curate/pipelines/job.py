@@ -18,8 +18,9 @@ Steps: 1. check options  2. resolve the preset  3. find and check every input sh
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
+
+import pyarrow.fs as pafs
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,9 @@ from grefine_curate.curate.errors import ConfigError, InputError
 from grefine_curate.curate.routing import check_routing
 from grefine_curate.pipelines.layout import migrate_legacy_layout
 from grefine_curate.pipelines.thresholds import describe as describe_routing
-from grefine_curate.pipelines.executors import ExecReport, Progress, run_local, run_ray
+from grefine_curate.pipelines.commit import try_delete
+from grefine_curate.pipelines.executors import ExecReport, Progress
+from grefine_curate.pipelines.paths import marker_path
 from grefine_curate.pipelines.manifest import (
     check_config,
     config_hash,
@@ -43,10 +46,13 @@ from grefine_curate.pipelines.manifest import (
 )
 from grefine_curate.pipelines.limits import find_shrinks, refuse_shrink, remove_past_limit
 from grefine_curate.pipelines.models import check_weights
-from grefine_curate.pipelines.processor import EngineSpec, ProcessOptions, ShardTask
-from grefine_curate.pipelines.sinks import clean_stale_temporaries
-from grefine_curate.pipelines.sources import STATE_DIR, TMP_MARK, ColumnSpec, discover, fs_uri, join, resolve_fs
+from grefine_curate.pipelines.commit import clean_stale_temporaries, read_json
+from grefine_curate.pipelines.engines import EngineSpec
+from grefine_curate.pipelines.paths import STATE_DIR, TMP_MARK, fs_uri, join, mask_secret, resolve_fs, store_error
+from grefine_curate.pipelines.formats import get_format
+from grefine_curate.pipelines.sources import discover
 from grefine_curate.pipelines.units import UnitLedger
+from grefine_curate.pipelines.work import ColumnSpec, ProcessOptions, ShardTask
 
 MODES = ("refine", "score")
 EXECUTORS = ("ray", "local")
@@ -93,6 +99,15 @@ class JobConfig:
     refine_worst: float | None = None  # refine mode: route full the worst fraction by p and by a (quantiles)
     light_next: float | None = None  # refine mode: route light the next fraction
     write_report: bool = True  # write OUT/__grefine__/report.html at the end (not for the inner score pass)
+    allow_paths: list[str] | None = None  # folders that image paths in the data may name (besides the input's own)
+    # Seams for tests and embedding (never in the manifest): how the models are built, a hook after each batch
+    engine_factory: Any = None  # callable(EngineSpec) -> Engine, picklable for Ray (default: the real models)
+    batch_hook: Any = None  # callable(batch_index), picklable for Ray (faults.py)
+    executor_impl: Any = None  # an object with executors.Executor's run(); overrides `executor` when given
+
+
+SEAMS = ("engine_factory", "batch_hook", "executor_impl")  # injected objects: never in the manifest or the config hash
+JobOptions = JobConfig  # `run` and `score` share one options object (mode says which)
 
 
 @dataclass
@@ -203,6 +218,9 @@ def run_job(cfg: JobConfig) -> JobSummary:
     # 2. Resolve the preset (and check what the models only read later)
     preset = resolve_preset(cfg)
     check_routing(preset.routing)
+    for d in cfg.allow_paths or []:
+        if "://" not in d and not __import__("os").path.isdir(d):
+            raise ConfigError(f"--allow-paths {d}: no such folder")
     # 3. Find and check every input shard (metadata only)
     columns = ColumnSpec(image=cfg.image_column, prompt=cfg.prompt_column, id=cfg.id_column)
     shards = discover(cfg.inputs, columns, out=cfg.out, folder_shard_size=cfg.folder_shard_size)
@@ -246,12 +264,18 @@ def run_job(cfg: JobConfig) -> JobSummary:
             f.write(b"")
         out_fs.delete_file(write_probe)
     except OSError as e:  # fail before any work, not after the first shard
+        if not isinstance(out_fs, pafs.LocalFileSystem):
+            raise store_error(cfg.out, e) from e
         raise InputError(f"--out {cfg.out}: cannot create or write the output folder ({e}); "
                          "choose a writable location") from e
     # 5. Stale temporaries of a killed run
     removed = clean_stale_temporaries(out_fs, out_root)
     # 6. Resume: complete shards are skipped (a complete output without its marker is adopted); the
     #    others are cut into work units, and units committed by an earlier run are kept
+    started_at = time.time()
+    if not cfg.resume:  # --no-resume rewrites every row: earlier markers must not count as this run's
+        for s in shards:
+            try_delete(out_fs, marker_path(out_root, s.rel))
     states = shard_states(out_fs, out_root, shards, caps, fingerprint, cfg.resume)
     unit_rows = cfg.unit_rows or (preset.score_unit_rows if cfg.mode == "score" else preset.unit_rows)
     ledger = UnitLedger(out_fs, out_root, fingerprint)
@@ -259,6 +283,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
     units_total = 0
     for st in states:
         if st.complete:
+            ledger.drop_parts(st.shard.rel)  # parts of an interrupted recompute of a complete shard: orphans
             continue
         planned = ledger.plan(st.shard, st.row_cap, unit_rows, cfg.resume)
         units_total += len(ledger.books[st.shard.rel].units) if st.shard.rel in ledger.books else len(planned)
@@ -266,8 +291,12 @@ def run_job(cfg: JobConfig) -> JobSummary:
     tasks.sort(key=lambda t: -t.rows)  # largest first (stable: input order among equals)
     skipped = sum(st.complete for st in states)
     adopted = sum(st.adopted for st in states)
-    if tasks:  # seconds, before Ray or any model starts (a complete OUT reruns without weights)
-        check_weights(preset, cfg.mode, cfg.models_dir)
+    if tasks and cfg.engine_factory is None and cfg.executor_impl is None:  # seconds, before Ray or any model starts
+        try:
+            check_weights(preset, cfg.mode, cfg.models_dir)
+        except BaseException as e:  # a failed start is recorded, without taking OUT from an earlier config
+            _record_failed_start(out_fs, out_root, fingerprint, rcfg, e)
+            raise
     limit_note = remove_past_limit(out_fs, out_root, shrinks, cfg.limit) if shrinks else None  # --force only
     base = {
         "state": "running",
@@ -279,9 +308,9 @@ def run_job(cfg: JobConfig) -> JobSummary:
         "result_config": rcfg,
         "routing": plan.info if plan is not None else {**describe_routing(preset.routing, None),
                                                       "planned": cfg.mode == "score"},
-        "job": _without_secrets(dataclasses.asdict(cfg)),
-        "inputs": [{"shard": s.rel, "output": s.record_rel, "input": fs_uri(s.fs, s.path), "rows": s.num_rows,
-                    "row_cap": c}
+        "job": _without_secrets(cfg),
+        "inputs": [{"shard": s.rel, "format": s.format, "output": s.record_rel, "input": fs_uri(s.fs, s.path),
+                    "rows": s.num_rows, "row_cap": c}
                    for s, c in zip(shards, caps)],
     }
     write_manifest(out_fs, out_root, base)
@@ -292,8 +321,9 @@ def run_job(cfg: JobConfig) -> JobSummary:
                           draft_size=draft, decode_threads=cfg.decode_threads, seed=preset.seed,
                           fingerprint=fingerprint, routing=preset.routing,
                           scores_uri=plan.audit.uri if plan is not None else None,
-                          scores_maps=plan.audit.has_maps if plan is not None else False)
-    spec = EngineSpec(preset=preset, mode=cfg.mode, models_dir=cfg.models_dir)
+                          scores_maps=plan.audit.has_maps if plan is not None else False,
+                          allow_paths=tuple(cfg.allow_paths or ()), batch_hook=cfg.batch_hook)
+    spec = EngineSpec(preset=preset, mode=cfg.mode, models_dir=cfg.models_dir, factory=cfg.engine_factory)
     todo_rows = sum(t.rows for t in tasks)
     progress = Progress(todo_rows, len(states) - skipped, quiet=cfg.quiet)
     if skipped:
@@ -308,12 +338,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
     for res in early:
         progress.shard_done(res)
     try:
-        if cfg.executor == "local":
-            report = run_local(tasks, spec, opts, progress, finish=ledger.finish)
-        else:
-            report = run_ray(tasks, spec, opts, progress, address=cfg.address, workers=cfg.workers,
-                             gpus_per_worker=cfg.gpus_per_worker, max_attempts=cfg.max_attempts,
-                             finish=ledger.finish, threads_per_worker=cfg.threads_per_worker)
+        report = make_executor(cfg).run(tasks, spec, opts, progress, finish=ledger.finish)
         report.results[:0] = early
         assembled, failed = ledger.drain()  # files whose last unit landed, assembled on a driver thread
         for res in assembled:
@@ -333,6 +358,9 @@ def run_job(cfg: JobConfig) -> JobSummary:
     # 8. Manifest and summary (counts over every complete shard, this run's and earlier ones)
     after = shard_states(out_fs, out_root, shards, caps, fingerprint, resume=True)
     markers = [st.marker for st in after if st.complete]
+    for name in dict.fromkeys(s.format for s in shards):  # files that describe OUT as a data set (formats/)
+        get_format(name).finish(out_fs, out_root, [st.shard for st in after if st.complete and st.shard.format == name],
+                                cfg.mode, cfg.keep_images)
     tot = totals(markers)
     rows = tot["rows"]
     errors = tot["status"].get("error", 0)
@@ -343,7 +371,8 @@ def run_job(cfg: JobConfig) -> JobSummary:
     # Rows are those the units of this run processed, plus such unheard shards (a shard assembled from
     # units all committed by an earlier run adds none).
     before = {st.shard.rel for st in states if st.complete}
-    done_now = [st for st in after if st.complete and st.shard.rel not in before]
+    done_now = [st for st in after if st.complete and st.shard.rel not in before
+                and float(st.marker.get("finished_at") or st.marker.get("adopted_at") or started_at) >= started_at]
     assembled_only = {r.rel for r in early}
     rows_run = sum(report.rows_by_shard.values()) + sum(
         int(st.marker.get("rows", 0)) for st in done_now
@@ -390,27 +419,53 @@ def run_job(cfg: JobConfig) -> JobSummary:
     })
     # 9. The HTML report: local outputs only (it embeds images read back from OUT); it never fails the job
     if cfg.write_report:
-        summary.notes.append(_write_report(out_fs, out_root))
+        summary.notes.append(_write_report(cfg.out))
     return summary
 
 
-def _without_secrets(job: dict[str, Any]) -> dict[str, Any]:
-    """The job options as the manifest records them: credentials in URIs (s3://KEY:SECRET@bucket/...) masked."""
-    def scrub(uri: Any) -> Any:
-        return re.sub(r"^([a-z0-9+.-]+://)[^/@]+@", r"\1***@", uri) if isinstance(uri, str) else uri
+def _without_secrets(cfg: JobConfig) -> dict[str, Any]:
+    """The job options as the manifest records them: credentials in URIs (s3://KEY:SECRET@bucket/...)
+    masked; the injected seams (engine factory, batch hook) left out."""
+    job = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in SEAMS}
+    return {**job, "inputs": [mask_secret(u) for u in job.get("inputs", [])], "out": mask_secret(job.get("out"))}
 
-    return {**job, "inputs": [scrub(u) for u in job.get("inputs", [])], "out": scrub(job.get("out"))}
+
+def _record_failed_start(fs: Any, out_root: str, fingerprint: str, rcfg: dict[str, Any], e: BaseException) -> None:
+    """state "failed" in the manifest; an OUT holding results of another config keeps that config's
+    manifest (a failed start must not lock OUT to a config that produced nothing) with the failure noted."""
+    from grefine_curate.pipelines.manifest import has_results
+
+    failure = {"state": "failed", "exit_code": exit_code_for(e), "error": f"{type(e).__name__}: {e}",
+               "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        old = read_json(fs, manifest_path(out_root))
+        if old is not None and old.get("config_hash") != fingerprint and has_results(fs, out_root):
+            write_manifest(fs, out_root, {**{k: v for k, v in old.items() if k not in ("manifest_version", "updated_at")},
+                                          "last_failed_start": failure})
+        else:
+            write_manifest(fs, out_root, {"config_hash": fingerprint, "result_config": rcfg, **failure})
+    except OSError:
+        pass  # the error itself is what the user must see
 
 
-def _write_report(out_fs: Any, out_root: str) -> str:
-    import pyarrow.fs as pafs
+def make_executor(cfg: JobConfig):
+    """The executor named by the options (executors.py: LocalExecutor, RayExecutor)."""
+    from grefine_curate.pipelines.executors import LocalExecutor, RayExecutor
 
-    if not isinstance(out_fs, pafs.LocalFileSystem):
-        return "report: not written for a remote OUT; run `grefine-curate report` on a local copy"
+    if cfg.executor_impl is not None:
+        return cfg.executor_impl
+    if cfg.executor == "local":
+        return LocalExecutor()
+    return RayExecutor(address=cfg.address, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker,
+                       max_attempts=cfg.max_attempts, threads_per_worker=cfg.threads_per_worker)
+
+
+def _write_report(out: str) -> str:
+    """OUT/__grefine__/report.html (local or on the store, read back through the same filesystem)."""
     try:
         from grefine_curate.pipelines.report import write_report
 
-        return f"report: {write_report(out_root)}"
+        return f"report: {write_report(out)}"
     except Exception as e:  # noqa: BLE001 - the outputs are complete; a report problem is only a note
         return f"report: not written ({type(e).__name__}: {e})"
 

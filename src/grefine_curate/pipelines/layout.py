@@ -19,17 +19,9 @@ import logging
 import pyarrow.fs as pafs
 
 from grefine_curate.curate.errors import InputError
-from grefine_curate.pipelines.sources import LEGACY_STATE_DIR, STATE_DIR, join
+from grefine_curate.pipelines.paths import LEGACY_REPORT_REL, LEGACY_STATE_DIR, REPORT_REL, STATE_DIR, join, report_path  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-REPORT_REL = f"{STATE_DIR}/report.html"  # the report, relative to OUT
-LEGACY_REPORT_REL = "report.html"
-
-
-def report_path(out_root: str) -> str:
-    return join(out_root, REPORT_REL)
-
 
 def migrate_legacy_layout(fs: pafs.FileSystem, out_root: str) -> bool:
     """Move OUT/_grefine/ to OUT/__grefine__/ and drop the old OUT/report.html; True when something moved.

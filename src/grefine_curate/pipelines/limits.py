@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from grefine_curate.curate.errors import ConfigError
-from grefine_curate.pipelines.sinks import marker_path, read_json, try_delete
-from grefine_curate.pipelines.sources import Shard, join, safe_relpath
+from grefine_curate.pipelines.commit import read_json, try_delete
+from grefine_curate.pipelines.paths import marker_path
+from grefine_curate.pipelines.formats import get_format
+from grefine_curate.pipelines.work import Shard
 
 
 @dataclass
@@ -57,12 +59,8 @@ def remove_past_limit(fs: pafs.FileSystem, out_root: str, shrinks: list[Shrink],
     rows = 0
     for s in shrinks:
         rows += s.done_rows - s.new_rows
-        for item in s.shard.items[s.new_rows : s.done_rows]:  # folder input: its mirrored images
-            try_delete(fs, join(out_root, f"images/{safe_relpath(item.rel)}"))
+        get_format(s.shard.format).drop_past(fs, out_root, s.shard, s.new_rows, s.done_rows)  # outputs, mirrored images
         if s.new_rows == 0:
-            try_delete(fs, join(out_root, s.shard.rel))
-            if s.shard.record_rel != s.shard.rel:  # a WebDataset tar's sidecar
-                try_delete(fs, join(out_root, s.shard.record_rel))
             try_delete(fs, marker_path(out_root, s.shard.rel))
         # else: the shard is recomputed with the smaller cap and replaces its output
     return (f"--force with a smaller --limit {limit}: removed {rows} row(s) of an earlier run past the limit "

@@ -22,16 +22,13 @@ import pyarrow.fs as pafs
 from grefine_curate.curate.config import Preset
 from grefine_curate.curate.errors import ConfigError
 from grefine_curate.pipelines.records import read_record, record_matches
-from grefine_curate.pipelines.sinks import marker_path, read_json, write_atomic
-from grefine_curate.pipelines.sources import STATE_DIR, Shard, join
+from grefine_curate.pipelines.commit import read_json, write_atomic
+from grefine_curate.pipelines.paths import STATE_DIR, join, manifest_path, marker_path  # noqa: F401 (re-exported)
+from grefine_curate.pipelines.work import Shard
 
 MANIFEST_VERSION = 1
 PACKAGES = ("grefine-curate", "torch", "open_clip_torch", "diffusers", "transformers", "spacy", "ray",
             "pyarrow", "pillow", "numpy")
-
-
-def manifest_path(out_root: str) -> str:
-    return join(out_root, f"{STATE_DIR}/manifest.json")
 
 
 def result_config(preset: Preset, mode: str, save_maps: bool, keep_images: bool, image_format: str,

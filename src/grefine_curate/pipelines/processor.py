@@ -25,279 +25,38 @@ from __future__ import annotations
 
 import json
 import os
-import posixpath
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from PIL import Image
 
-from grefine_curate.curate.config import Preset, RoutingConfig
 from grefine_curate.curate.errors import GRefineError, ImageError
 from grefine_curate.curate.images import decode_image, encode_image, map_to_png
 from grefine_curate.curate.results import ScoreResult
 from grefine_curate.pipelines import columns as C
-from grefine_curate.pipelines.sinks import EXTENSION_FORMATS, ShardWriter, marker_path, write_atomic
-from grefine_curate.pipelines.sources import Shard, join, safe_relpath
-from grefine_curate.pipelines.tar_shards import TAR_IMAGE_EXTENSIONS, TarSink, iter_samples, sample_prompt, split_member
-from grefine_curate.pipelines.units import part_path
-
-
-@dataclass(frozen=True)
-class ProcessOptions:
-    """Everything the shard processor needs besides the shard and the models (picklable, for Ray)."""
-
-    mode: str = "refine"  # "refine" | "score"
-    batch_size: int = 8  # images per model call
-    save_maps: bool = False  # store P and A as 64x64 8-bit PNG in pq_map / aq_map
-    keep_images: bool = False  # score mode: keep the image bytes in the output
-    input_columns: bool = True  # score mode, Parquet input: keep the input's other columns (joins, licences)
-    image_format: str = "PNG"  # encoding of refined images in Parquet outputs ("PNG" | "JPEG" | "WEBP")
-    max_pixels: int = 8192 * 8192  # images above this are error rows, refused before decoding
-    draft_size: int | None = None  # score mode: JPEGs decoded DCT-scaled to at least this side (faster)
-    decode_threads: int = 2  # CPU threads decoding images beside the model
-    seed: int = 0  # global seed; an item's seed = item_seed(seed, item id)
-    fingerprint: str = ""  # job config hash; stored in the marker, resume compares it
-    routing: RoutingConfig | None = None  # thresholds in force (None: the engine's preset); the job always sets it
-    scores_uri: str | None = None  # refine mode: take p, a, unmatched phrases from this audit (pipelines/audit.py)
-    scores_maps: bool = False  # the audit saved maps (copied to rows that are not scored again)
-
-
-@dataclass(frozen=True)
-class ShardTask:
-    """One work unit: rows [start, stop) of a shard (see units.py).
-
-    ``part`` False: the unit is the whole shard and writes the output file itself (and its marker).
-    ``part`` True: the unit writes a committed part under OUT/_grefine/units/; the driver
-    concatenates the parts into the output file when the last one lands.
-    """
-
-    shard: Shard
-    out_fs: pafs.FileSystem
-    out_root: str
-    row_cap: int | None = None  # --limit: process only the first rows of this shard
-    attempt: int = 1
-    start: int = 0  # first row (input order) of this unit
-    stop: int | None = None  # one past its last row (None: the shard's end, or row_cap)
-    row_groups: tuple[int, ...] | None = None  # parquet: the row groups holding [start, stop) (None: all)
-    part: bool = False
-
-    @property
-    def end(self) -> int:
-        cap = self.shard.num_rows if self.row_cap is None else min(self.row_cap, self.shard.num_rows)
-        return cap if self.stop is None else min(self.stop, cap)
-
-    @property
-    def rows(self) -> int:
-        return max(0, self.end - self.start)
-
-    @property
-    def output_path(self) -> str:
-        if self.part:
-            return part_path(self.out_root, self.shard.rel, self.start, self.end)
-        return join(self.out_root, self.shard.record_rel)
-
-    @property
-    def marker_path(self) -> str:
-        return marker_path(self.out_root, self.shard.rel)
-
-
-@dataclass
-class ShardResult:
-    rel: str
-    rows: int
-    status: dict[str, int]  # "ok"/"error" -> count
-    routes: dict[str, int]  # "skip"/"light"/"full"/"reverted" -> count (refine mode)
-    seconds: float
-    output: str
-    start: int = 0  # the unit's row range [start, stop)
-    stop: int = 0
-    part: bool = False  # a unit's part (the shard's output comes when its last unit lands)
-    node_id: str | None = None  # Ray node that processed it (None: in-process)
-    attempt: int = 1
-    companions: dict[str, int] | None = None  # files it vouches for beside its output (a tar unit's part tar)
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-# ---------------------------------------------------------------------------------------------
-# The model engine seen by the processor
-
-
-@dataclass
-class RefineRequest:
-    image: Image.Image
-    prompt: str | None
-    score: ScoreResult
-    route: str  # "light" | "full" (skip never reaches the refiner)
-    seed: int
-    item_id: str
-
-
-@dataclass
-class RefineResponse:
-    image: Image.Image | None  # None: keep the original (route "skip"/"reverted")
-    route: str  # final route; "reverted" when the no-regression guard kept the original
-    p_after: float | None
-    a_after: float | None
-
-
-class Engine(Protocol):
-    """What the processor needs from the models: score, route, refine, seed."""
-
-    def score(self, images: list[Image.Image], prompts: list[str | None]) -> list[ScoreResult]: ...
-
-    def route(self, p: float, a: float | None) -> str: ...
-
-    def refine(self, requests: list[RefineRequest]) -> list[RefineResponse]: ...
-
-    def item_seed(self, item_id: str) -> int: ...
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """How to build the models (picklable: Ray actors build their own copy)."""
-
-    preset: Preset
-    mode: str  # "refine" loads the refiner too; "score" only the scorer
-    models_dir: str | None = None
-
-    def key(self) -> tuple[str, str | None]:
-        # One engine serves both modes and any thresholds (the processor routes with opts.routing), so
-        # the two passes of quantile routing load the models once.
-        import dataclasses
-
-        return (dataclasses.replace(self.preset, routing=RoutingConfig()).hash(), self.models_dir)
-
-
-class ModelEngine:
-    """The real models: QualityScorer (PQ-Map + AQ-Map), routing, BalancedRefiner."""
-
-    def __init__(self, spec: EngineSpec):
-        from grefine_curate.curate.scorer import QualityScorer
-
-        self.preset = spec.preset
-        self.models_dir = spec.models_dir
-        self.scorer = QualityScorer(spec.preset, models_dir=spec.models_dir)
-        self.refiner = None
-        self.ensure_mode(spec.mode)
-
-    def ensure_mode(self, mode: str) -> None:
-        """A score engine gains the refiner when a refine job reuses it (same preset, same process)."""
-        if mode == "refine" and self.refiner is None:
-            from grefine_curate.curate.refiner import BalancedRefiner
-
-            self.refiner = BalancedRefiner(self.preset.refiner, self.preset.routing, rescore=self.scorer.rescore,
-                                           models_dir=self.models_dir)
-
-    def score(self, images: list[Image.Image], prompts: list[str | None]) -> list[ScoreResult]:
-        return self.scorer.score(images, prompts)
-
-    def route(self, p: float, a: float | None) -> str:
-        from grefine_curate.curate.routing import choose_route
-
-        return choose_route(p, a, self.preset.routing)
-
-    def item_seed(self, item_id: str) -> int:
-        from grefine_curate.curate.refiner import item_seed
-
-        return item_seed(self.preset.seed, item_id)
-
-    def refine(self, requests: list[RefineRequest]) -> list[RefineResponse]:
-        from grefine_curate.curate.refiner import RefineItem
-
-        items = []
-        for r in requests:
-            aq = r.score.aq
-            # Stage 1 gets AQ's emphasised prompt (eq. 7); the guard re-scores with the plain one.
-            items.append(RefineItem(
-                image=r.image, prompt=(aq.emphasised_prompt or r.prompt) if aq is not None else r.prompt,
-                p=r.score.p, a=r.score.a, P=r.score.pq.P, A=None if aq is None else aq.A, seed=r.seed,
-                route=r.route, score_prompt=r.prompt,
-            ))
-        out = []
-        for o in self.refiner.refine(items):
-            changed = o.route in ("light", "full")
-            out.append(RefineResponse(image=o.image if changed else None, route=o.route,
-                                      p_after=o.p_after, a_after=o.a_after))
-        return out
-
-
-def build_engine(spec: EngineSpec) -> Engine:
-    if os.environ.get("GREFINE_TEST_NO_MODELS"):  # test hook: a run that must not load models fails loudly
-        from grefine_curate.curate.errors import ModelUnavailableError
-
-        raise ModelUnavailableError("models were about to load although GREFINE_TEST_NO_MODELS is set")
-    return ModelEngine(spec)
-
-
-class LazyEngine:
-    """Builds the models on first use: a run reusing an audit that refines nothing never loads them."""
-
-    def __init__(self, build, seed: int):
-        self._build, self._engine, self.seed = build, None, seed
-
-    def get(self) -> Engine:
-        if self._engine is None:
-            self._engine = self._build()
-        return self._engine
-
-    def score(self, images, prompts):
-        return self.get().score(images, prompts)
-
-    def route(self, p, a):
-        return self.get().route(p, a)
-
-    def refine(self, requests):
-        return self.get().refine(requests)
-
-    def item_seed(self, item_id: str) -> int:
-        from grefine_curate.curate.refiner import item_seed
-
-        return item_seed(self.seed, item_id)
-
-
-# ---------------------------------------------------------------------------------------------
-# Items
-
-
-@dataclass
-class Item:
-    """One input row on its way through the processor."""
-
-    item_id: str
-    prompt: str | None
-    raw: bytes | None = None  # encoded image bytes (None when absent)
-    source_error: str | None = None  # the bytes could not even be read
-    image: Image.Image | None = None
-    error: str | None = None
-    score: ScoreResult | None = None
-    route: str | None = None
-    seed: int | None = None
-    refined: Image.Image | None = None
-    p_after: float | None = None
-    a_after: float | None = None
-    encoded: bytes | None = None  # the refined image, encoded for the output
-    pq_png: bytes | None = None  # --save-maps: 64x64 P
-    aq_png: bytes | None = None  # --save-maps: 64x64 A
-    sample: Any = None  # WebDataset input: the tar sample (members, in order)
-    meta: dict[str, Any] | None = None  # WebDataset input: the sample's KEY.json object
-    prior: Any = None  # --scores: the audit's scores of this item (pipelines.audit.Prior)
-    needs_pixels: bool = True  # False: routed skip from the audit (or its error): never decoded
-
-
-def _clean_prompt(p: Any) -> str | None:
-    if p is None:
-        return None
-    s = str(p).strip()
-    return s or None
+from grefine_curate.pipelines.commit import ParquetFile, write_atomic
+from grefine_curate.pipelines.engines import (  # noqa: F401 (re-exported: the processor's public names)
+    Engine,
+    EngineSpec,
+    LazyEngine,
+    ModelEngine,
+    RefineRequest,
+    RefineResponse,
+    build_engine,
+)
+from grefine_curate.pipelines.formats import get_format
+from grefine_curate.pipelines.work import (  # noqa: F401 (re-exported)
+    Item,
+    ProcessOptions,
+    ShardResult,
+    ShardTask,
+    commit_record,
+    unit_summary,
+)
 
 
 def _decode(item: Item, opts: ProcessOptions) -> Item:
@@ -402,21 +161,18 @@ def run_models(items: list[Item], engine: Engine, opts: ProcessOptions) -> None:
     )
 
 
-def encode_outputs(items: list[Item], kind: str, opts: ProcessOptions) -> None:
-    """Step 4b: encode refined images and maps item by item, so one that cannot be encoded (say, wider
-    than WebP allows) becomes an error row instead of failing the shard."""
+def encode_outputs(items: list[Item], fmt, opts: ProcessOptions) -> None:
+    """Step 4b: encode refined images (in the format the output layout keeps: a folder's or a tar
+    member's own, else --image-format) and maps item by item, so one that cannot be encoded (say,
+    wider than WebP allows) becomes an error row instead of failing the shard."""
     for it in items:
         if it.error is not None or it.score is None:
             continue
         try:
             if it.refined is not None:
-                fmt = opts.image_format
-                if kind == "folder":  # a folder output keeps each file's own format (and path)
-                    fmt = EXTENSION_FORMATS.get(posixpath.splitext(it.item_id)[1].lower(), opts.image_format)
-                elif kind == "tar":  # a tar member keeps its name, so its format follows the extension
-                    ext = split_member(it.sample.image.info.name)[1]
-                    fmt = EXTENSION_FORMATS.get(f".{ext}", opts.image_format)
-                it.encoded = encode_image(it.refined if fmt != "JPEG" else it.refined.convert("RGB"), fmt)
+                enc = fmt.encoding(it, opts)
+                it.encoded = encode_image(it.refined if enc != "JPEG" else it.refined.convert("RGB"), enc)
+                it.encoded_format = enc
             if opts.save_maps and it.needs_pixels:  # else the audit's maps are already there
                 it.pq_png = map_png(it.score.pq.P)
                 it.aq_png = map_png(it.score.aq.A) if it.score.aq is not None else None
@@ -482,210 +238,17 @@ def _score_fields(opts: ProcessOptions, refine: bool) -> list[pa.Field]:
     return f
 
 
-def output_schema(shard: Shard, input_schema: pa.Schema | None, opts: ProcessOptions) -> pa.Schema:
-    """The output schema of a shard: fixed before the first row is written."""
-    refine = opts.mode == "refine"
-    added = _score_fields(opts, refine)
-    if shard.kind == "parquet" and refine:
-        names = {f.name for f in added}
-        kept = [f for f in input_schema if f.name not in names]  # a re-run over our own output replaces them
-        return pa.schema(kept + added, metadata=_hf_metadata(input_schema.metadata, kept + added, names))
-    if shard.kind == "tar":  # the sidecar: one row per sample, by key (img2dataset's column name)
-        return pa.schema([pa.field(C.KEY, pa.string()), pa.field(C.PROMPT, pa.string())] + added)
-    head = [pa.field(C.ID, pa.string())]
-    if shard.kind == "folder":
-        head.append(pa.field(C.SOURCE, pa.string()))
-    head.append(pa.field(C.PROMPT, pa.string()))
-    if shard.kind != "parquet":
-        return pa.schema(head + added)
-    taken = {f.name for f in head + added}
-    head += [f for f in input_schema if f.name not in taken and (
-        f.name == shard.image_column and opts.keep_images or f.name != shard.image_column and opts.input_columns)]
-    return pa.schema(head + added, metadata=_hf_metadata(input_schema.metadata, head + added, taken))
+def output_schema(task: ShardTask, input_schema: pa.Schema | None, opts: ProcessOptions) -> pa.Schema:
+    """The output schema of a unit: fixed before the first row is written (the format lays it out)."""
+    return get_format(task.shard.format).output_schema(task.shard, input_schema, _score_fields(opts, opts.mode == "refine"), opts)
 
 
-def _hf_feature(t: pa.DataType) -> dict[str, Any]:
-    if pa.types.is_list(t):
-        return {"feature": _hf_feature(t.value_type), "_type": "Sequence"}
-    dtype = {pa.string(): "string", pa.float32(): "float32", pa.int64(): "int64", pa.binary(): "binary",
-             pa.bool_(): "bool"}[t]
-    return {"dtype": dtype, "_type": "Value"}
-
-
-def _hf_metadata(meta: dict[bytes, bytes] | None, fields: list[pa.Field], ours: set[str]) -> dict[bytes, bytes] | None:
-    """The input's schema metadata for an output with these ``fields``, of which ``ours`` are added by us.
-
-    Hugging Face datasets store their features there (an ``Image`` is only an image through them)
-    and refuse a table whose columns differ from them: the input's features are kept for the columns
-    the output keeps, our added columns are declared, dropped ones removed (unknown layouts are left
-    alone). Input columns the input's features did not declare stay undeclared, as in the input.
-    """
-    if not meta or b"huggingface" not in meta:
-        return meta
-    try:
-        info = json.loads(meta[b"huggingface"])
-        feats = info["info"]["features"]
-        new = {}
-        for f in fields:
-            if f.name in feats and f.name not in ours:
-                new[f.name] = feats[f.name]
-            elif f.name in ours:
-                new[f.name] = _hf_feature(f.type)
-        info["info"]["features"] = new
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return meta
-    return {**meta, b"huggingface": json.dumps(info).encode()}
-
-
-def _final_bytes(it: Item) -> bytes | None:
-    """The image a row ends with: the refined image as encoded in step 4b, else None (original bytes kept)."""
-    return None if it.error is not None else it.encoded
-
-
-def _replace_image_column(arr: pa.Array, items: Sequence[Item], is_struct: bool) -> pa.Array:
-    new = [_final_bytes(it) for it in items]
-    if all(b is None for b in new):
-        return arr  # nothing refined: the original column, zero-copy
-    if is_struct:
-        children = arr.flatten()  # child arrays with the parent's offset applied (sliced batches)
-        k = arr.type.get_field_index("bytes")
-        old = children[k].to_pylist()
-        children[k] = pa.array([n if n is not None else o for n, o in zip(new, old)], type=children[k].type)
-        return pa.StructArray.from_arrays(children, fields=list(arr.type), mask=arr.is_null())
-    old = arr.to_pylist()
-    return pa.array([n if n is not None else o for n, o in zip(new, old)], type=arr.type)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading
-
-
-def _parquet_batches(task: ShardTask, batch_size: int) -> tuple[pa.Schema, Iterator[tuple[pa.RecordBatch, list[Item]]]]:
-    shard = task.shard
-    f = shard.fs.open_input_file(shard.path)
-    pf = pq.ParquetFile(f)
-    schema = pf.schema_arrow
-    shard_dir = posixpath.dirname(shard.path)
-    groups = list(task.row_groups) if task.row_groups is not None else None
-
-    def rows() -> Iterator[tuple[pa.RecordBatch, list[Item]]]:
-        start, end = task.start, task.end  # the unit's row groups begin at row `start`
-        try:
-            for batch in pf.iter_batches(batch_size=batch_size, row_groups=groups):
-                if start >= end:
-                    break
-                if start + batch.num_rows > end:
-                    batch = batch.slice(0, end - start)
-                yield batch, _parquet_items(shard, batch, start, shard_dir)
-                start += batch.num_rows
-        finally:
-            f.close()
-
-    return schema, rows()
-
-
-def _parquet_items(shard: Shard, batch: pa.RecordBatch, start: int, shard_dir: str) -> list[Item]:
-    img = batch.column(shard.image_column)
-    n = batch.num_rows
-    prompts = batch.column(shard.prompt_column).to_pylist() if shard.prompt_column else [None] * n
-    if shard.id_column:
-        ids = ["" if v is None else str(v) for v in batch.column(shard.id_column).to_pylist()]
-        ids = [v or f"{shard.rel}#{start + i}" for i, v in enumerate(ids)]
-    else:
-        ids = [f"{shard.rel}#{start + i}" for i in range(n)]
-    items = []
-    if shard.image_is_struct:
-        children = img.flatten()  # offset-aware, unlike .field()
-        raws = children[img.type.get_field_index("bytes")].to_pylist()
-        k = img.type.get_field_index("path")
-        paths = children[k].to_pylist() if k >= 0 else [None] * n
-        valid = img.is_valid().to_pylist()
-    else:
-        raws, paths, valid = img.to_pylist(), [None] * n, [True] * n
-    for i in range(n):
-        it = Item(item_id=ids[i], prompt=_clean_prompt(prompts[i]))
-        raw = raws[i] if valid[i] else None
-        if raw is None and paths[i]:
-            # A Hugging Face image stored by path only: read it next to the shard (or absolute).
-            p = paths[i] if paths[i].startswith("/") or "://" in paths[i] else join(shard_dir, paths[i])
-            try:
-                with shard.fs.open_input_stream(p) as fh:
-                    raw = fh.read()
-            except (OSError, pa.ArrowInvalid) as e:
-                it.source_error = f"{it.item_id}: image bytes are null and its path {paths[i]!r} cannot be read ({e})"
-        it.raw = raw
-        items.append(it)
-    return items
-
-
-def _folder_batches(task: ShardTask, batch_size: int) -> Iterator[tuple[None, list[Item]]]:
-    shard = task.shard
-    entries = shard.items[task.start : task.end]
-    for k in range(0, len(entries), batch_size):
-        items = []
-        for e in entries[k : k + batch_size]:
-            it = Item(item_id=e.rel, prompt=_clean_prompt(e.prompt))
-            try:
-                with shard.fs.open_input_stream(join(shard.path, e.rel)) as fh:
-                    it.raw = fh.read()
-            except (OSError, pa.ArrowInvalid) as err:
-                it.source_error = f"{e.rel}: cannot read file ({err})"
-            items.append(it)
-        yield None, items
-
-
-def _tar_batches(task: ShardTask, batch_size: int) -> Iterator[tuple[None, list[Item]]]:
-    shard = task.shard
-    batch: list[Item] = []
-    # The last unit reads to the tar's end (or --limit), not to the header count taken at discovery,
-    # so that no sample can be left out if the two passes ever disagree.
-    last = task.end >= shard.num_rows
-    stop = task.row_cap if last else task.end
-    offset = shard.tar_offsets[task.start] if task.start else 0
-    for sample in iter_samples(shard.fs, shard.path, stop=stop, start=task.start, offset=offset):
-        if sample.index < task.start:
-            continue
-        prompt, meta, json_error = sample_prompt(sample)
-        it = Item(item_id=sample.key, prompt=_clean_prompt(prompt), sample=sample, meta=meta)
-        image = sample.image
-        if sample.error is not None:
-            it.source_error = sample.error
-        elif image is None:
-            names = ", ".join(m.info.name for m in sample.members)
-            it.source_error = (f"{sample.key}: no image member (.{', .'.join(TAR_IMAGE_EXTENSIONS)}) "
-                               f"among {names}")
-        elif json_error is not None:
-            it.source_error = json_error
-        else:
-            it.raw = image.data
-        batch.append(it)
-        if len(batch) >= batch_size:
-            yield None, batch
-            batch = []
-    if batch:
-        yield None, batch
-
-
-def _json_fields(out: pa.RecordBatch) -> list[dict[str, Any]]:
-    """The added columns of each row as KEY.json fields (maps are binary: they stay in the sidecar)."""
-    names = [n for n in out.schema.names if n not in (C.KEY, C.PROMPT, C.PQ_MAP, C.AQ_MAP)]
-    return out.select(names).to_pylist()
-
-
-# ---------------------------------------------------------------------------------------------
-# Test hooks (env vars; used by the fault tests only)
-
-
-def _test_hooks(batch_index: int) -> None:
-    delay = os.environ.get("GREFINE_TEST_BATCH_DELAY")
+def _test_hooks(batch_index: int, opts: ProcessOptions) -> None:
+    if opts.batch_hook is not None:  # injected by tests (faults, delays); picklable, so it reaches Ray actors
+        opts.batch_hook(batch_index)
+    delay = os.environ.get("GREFINE_TEST_BATCH_DELAY")  # subprocess tests (kill -9 of the CLI) slow the job here
     if delay:
         time.sleep(float(delay))
-    sentinel = os.environ.get("GREFINE_TEST_DIE_ONCE")
-    if sentinel and batch_index == 1 and not os.path.exists(sentinel):
-        # Simulates a worker process dying mid-shard (a partial temporary file is left behind).
-        with open(sentinel, "w") as f:
-            f.write(str(os.getpid()))
-        os._exit(17)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,22 +262,22 @@ def process_shard(task: ShardTask, engine: Engine, opts: ProcessOptions,
     A generator so that both executors can report progress per batch (a Ray actor streams it).
     ``node_id`` (the Ray node running it) is recorded in the result and the commit record.
     """
+    fmt = get_format(task.shard.format)
+    in_schema, batches = fmt.read(task, opts)
+    yield from process_unit(task, in_schema, batches, engine, opts, node_id)
+
+
+def process_unit(task: ShardTask, in_schema: pa.Schema | None, batches, engine: Engine, opts: ProcessOptions,
+                 node_id: str | None = None) -> Iterator[int | ShardResult]:
+    """The step itself, for any reader: ``batches`` yields (raw batch, items) in input order (a format's
+    ``read``, or an in-memory list in tests); rows go to the unit's Parquet output and the format's sink."""
     t0 = time.perf_counter()
     shard = task.shard
-    # 1. Open the input and the output (temporary name)
-    if shard.kind == "parquet":
-        in_schema, batches = _parquet_batches(task, opts.batch_size)
-    elif shard.kind == "tar":
-        in_schema, batches = None, _tar_batches(task, opts.batch_size)
-    else:
-        in_schema, batches = None, _folder_batches(task, opts.batch_size)
-    schema = output_schema(shard, in_schema, opts)
-    writer = ShardWriter(task.out_fs, task.output_path, schema)
-    tar_out = None
-    if shard.kind == "tar" and opts.mode == "refine":  # score mode writes only the sidecar
-        # a whole tar writes the mirrored tar; a unit writes a part tar beside its part sidecar
-        tar_path = task.output_path[: -len(".parquet")] + ".tar" if task.part else join(task.out_root, shard.rel)
-        tar_out = TarSink(task.out_fs, tar_path)
+    fmt = get_format(shard.format)
+    # 1. Open the output (temporary names)
+    schema = output_schema(task, in_schema, opts)
+    writer = ParquetFile(task.out_fs, task.output_path, schema)
+    beside = None
     status: Counter[str] = Counter()
     routes: Counter[str] = Counter()
     rows = 0
@@ -727,6 +290,8 @@ def process_shard(task: ShardTask, engine: Engine, opts: ProcessOptions,
         assert routing is not None, "--scores needs the thresholds in force (opts.routing)"
     pool = ThreadPoolExecutor(max_workers=max(1, opts.decode_threads), thread_name_prefix="grefine-decode")
     try:
+        beside = fmt.open_sink(task, opts)
+
         # 2. Decode one batch ahead of the model
         def submit(entry):
             raw_batch, items = entry
@@ -746,40 +311,36 @@ def process_shard(task: ShardTask, engine: Engine, opts: ProcessOptions,
                 fu.result()
             # 3-4. Models
             run_models(items, engine, opts)
-            encode_outputs(items, shard.kind, opts)
-            # 5. Output rows
-            out = _output_batch(task, raw_batch, items, schema, opts)
+            encode_outputs(items, fmt, opts)
+            # 5. Output rows (and what the format keeps beside them)
+            out = fmt.output_batch(task, raw_batch, items, schema, _score_columns(items, opts, opts.mode == "refine"), opts)
             writer.write(out)
-            if tar_out is not None:
-                for it, fields in zip(items, _json_fields(out)):
-                    ok = it.error is None and it.score is not None
-                    tar_out.write(it.sample, it.encoded if ok else None, fields, it.meta)
+            beside.write(items, out)
             for item in items:
                 item.image = item.refined = item.encoded = None  # free pixels before the next batch
-            for item in items:
                 ok = item.error is None and item.score is not None
                 status[C.STATUS_OK if ok else C.STATUS_ERROR] += 1
                 if ok and item.route:
                     routes[item.route] += 1
             rows += len(items)
-            _test_hooks(k)
+            _test_hooks(k, opts)
             k += 1
             yield len(items)
-        # 6. Commit: the footer carries the commit record (records.py), then the rename; a whole-shard
-        #    unit also writes the shard's marker (a part's marker is its footer: the driver assembles)
+        # 6. Commit: the files beside first (the record vouches for them by name and size), then the
+        #    footer with the commit record and the rename; a whole-shard unit also writes the marker
         result = ShardResult(rel=shard.rel, rows=rows, status=dict(status), routes=dict(routes),
                              seconds=round(time.perf_counter() - t0, 3), output=task.output_path,
                              start=task.start, stop=task.start + rows, part=task.part, node_id=node_id,
                              attempt=task.attempt)
         record = commit_record(task, result, opts)
-        if tar_out is not None:  # the tar first: the sidecar's record vouches for it (name and size)
-            result.companions = {tar_path[len(task.out_root.rstrip("/")) + 1 :]: tar_out.commit()}
-            record["companions"] = result.companions
+        companions = beside.commit()
+        if companions:
+            result.companions = record["companions"] = companions
         writer.commit(record)
     except BaseException:
         writer.abort()
-        if tar_out is not None:
-            tar_out.abort()
+        if beside is not None:
+            beside.abort()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -790,71 +351,8 @@ def process_shard(task: ShardTask, engine: Engine, opts: ProcessOptions,
     yield result
 
 
-def commit_record(task: ShardTask, result: ShardResult, opts: ProcessOptions) -> dict[str, Any]:
-    """What an output file (or a unit's part) records about itself: resume compares these fields."""
-    return {
-        **result.to_json(),
-        "input": task.shard.path,
-        "source_key": task.shard.source_key,
-        "fingerprint": opts.fingerprint,
-        "row_cap": task.row_cap,
-        "units": [] if task.part else [unit_summary(result)],
-    }
-
-
-def unit_summary(res: ShardResult) -> dict[str, Any]:
-    """One unit as the shard marker lists it (which node did which rows, in how long)."""
-    return {"start": res.start, "stop": res.stop, "rows": res.rows, "node_id": res.node_id,
-            "attempt": res.attempt, "seconds": res.seconds}
-
-
-def _output_batch(task: ShardTask, raw_batch: pa.RecordBatch | None, items: list[Item], schema: pa.Schema,
-                  opts: ProcessOptions) -> pa.RecordBatch:
-    shard = task.shard
-    refine = opts.mode == "refine"
-    cols = _score_columns(items, opts, refine)
-    if shard.kind == "parquet" and refine:
-        arrays = []
-        for f in schema:
-            if f.name in cols:
-                arrays.append(cols[f.name])
-            elif f.name == shard.image_column:
-                arrays.append(_replace_image_column(raw_batch.column(f.name), items, shard.image_is_struct))
-            else:
-                arrays.append(raw_batch.column(f.name))
-        return pa.RecordBatch.from_arrays(arrays, schema=schema)
-    if shard.kind == "tar":
-        head = {C.KEY: pa.array([it.item_id for it in items], pa.string()),
-                C.PROMPT: pa.array([it.prompt for it in items], pa.string())}
-        merged = {**head, **cols}
-        return pa.RecordBatch.from_arrays([merged[f.name] for f in schema], schema=schema)
-    head: dict[str, pa.Array] = {C.ID: pa.array([it.item_id for it in items], pa.string())}
-    if shard.kind == "folder":
-        head[C.SOURCE] = pa.array([it.item_id for it in items], pa.string())
-        if refine or opts.keep_images:
-            _write_folder_images(task, items, opts)
-    head[C.PROMPT] = pa.array([it.prompt for it in items], pa.string())
-    merged = {**head, **cols}
-    # Parquet input: the input columns the schema keeps (the image with --keep-images)
-    return pa.RecordBatch.from_arrays([merged[f.name] if f.name in merged else raw_batch.column(f.name)
-                                       for f in schema], schema=schema)
-
-
-def _write_folder_images(task: ShardTask, items: list[Item], opts: ProcessOptions) -> None:
-    """OUT/images/<same relative path>: the refined image in the file's own format, else the original bytes."""
-    root = join(task.out_root, "images")
-    for it in items:
-        rel = safe_relpath(it.item_id)
-        if it.encoded is not None and it.error is None:
-            data = it.encoded  # encoded in the file's own format by encode_outputs
-        elif it.raw is not None:
-            data = it.raw  # unchanged (skip, reverted, score mode, and error rows: the mirror stays complete)
-        else:
-            continue
-        write_atomic(task.out_fs, join(root, rel), data)
-
-
 __all__ = [
-    "Engine", "EngineSpec", "Item", "ModelEngine", "build_engine", "ProcessOptions", "RefineRequest", "RefineResponse", "ShardResult", "ShardTask",
-    "encode_outputs", "map_png", "output_schema", "process_shard", "run_models",
+    "Engine", "EngineSpec", "Item", "ModelEngine", "build_engine", "ProcessOptions", "RefineRequest", "RefineResponse",
+    "ShardResult", "ShardTask", "encode_outputs", "map_png", "output_schema", "process_shard", "process_unit",
+    "run_models",
 ]

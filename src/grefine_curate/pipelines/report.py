@@ -42,16 +42,12 @@ from grefine_curate.curate.errors import ImageError, InputError
 from grefine_curate.curate.images import decode_image
 from grefine_curate.pipelines import columns as C
 from grefine_curate.pipelines.layout import migrate_legacy_layout, report_path
-from grefine_curate.pipelines.sinks import read_json, write_atomic
-from grefine_curate.pipelines.sources import (
-    IMAGE_COLUMN_CANDIDATES,
-    PROMPT_COLUMN_CANDIDATES,
-    STATE_DIR,
-    is_hidden_or_state,
-    join,
-    resolve_fs,
-    safe_relpath,
-)
+from grefine_curate.pipelines.commit import write_atomic
+from grefine_curate.pipelines.formats import get_format
+from grefine_curate.pipelines.formats.base import OutputView, take_rows
+from grefine_curate.pipelines.formats.parquet import PROMPT_COLUMN_CANDIDATES
+from grefine_curate.pipelines.job_view import open_job, outputs_of
+from grefine_curate.pipelines.paths import resolve_fs, safe_relpath
 
 THUMB = 176  # long side of the thumbnails, pixels
 HIST_BINS = 20
@@ -86,6 +82,7 @@ class ShardInfo:
     path: str  # absolute (fs) path of the output
     input: str | None  # input shard path from the manifest (Parquet file or folder root)
     names: list[str] = field(default_factory=list)  # output columns
+    view: OutputView | None = None  # the output as its format reads it back
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,24 +94,8 @@ def _floats(col: list) -> list[float | None]:
 
 
 def _list_output_shards(fs: pafs.FileSystem, root: str, manifest: dict[str, Any]) -> list[ShardInfo]:
-    inputs = manifest.get("inputs") or []
-    shards = []
-    if inputs:
-        for entry in inputs:
-            rel = entry.get("shard")
-            if not rel:
-                continue
-            path = join(root, entry.get("output") or rel)  # a WebDataset tar's scores are in its sidecar
-            if fs.get_file_info(path).type == pafs.FileType.File:
-                shards.append(ShardInfo(rel=rel, path=path, input=entry.get("input")))
-        return shards
-    # A manifest without the inputs table (older or hand-written): every Parquet file under OUT.
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    for info in sorted(infos, key=lambda i: i.path):
-        rel = posixpath.relpath(info.path, root)
-        if info.type == pafs.FileType.File and rel.endswith(".parquet") and not is_hidden_or_state(rel):
-            shards.append(ShardInfo(rel=rel, path=info.path, input=None))
-    return shards
+    """The job's complete output shards (job_view.py: each with its format, from the manifest)."""
+    return [ShardInfo(rel=v.rel, path=v.path, input=v.input, view=v) for v in outputs_of(fs, root, manifest)[0]]
 
 
 def _read_rows(fs: pafs.FileSystem, shard: ShardInfo) -> list[Row]:
@@ -141,40 +122,7 @@ def _read_rows(fs: pafs.FileSystem, shard: ShardInfo) -> list[Row]:
 
 
 def _take(fs: pafs.FileSystem, path: str, column: str, rows: list[int]) -> dict[int, Any]:
-    """Values of one column at the given row indices, reading only the row groups that hold them."""
-    out: dict[int, Any] = {}
-    if not rows:
-        return out
-    with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
-        if column not in pf.schema_arrow.names:
-            return out
-        wanted = sorted(set(rows))
-        start = 0
-        for g in range(pf.metadata.num_row_groups):
-            size = pf.metadata.row_group(g).num_rows
-            inside = [r for r in wanted if start <= r < start + size]
-            if inside:
-                col = pf.read_row_group(g, columns=[column]).column(0)
-                for r in inside:
-                    out[r] = col[r - start].as_py()
-            start += size
-    return out
-
-
-def _image_bytes(value: Any) -> bytes | None:
-    if isinstance(value, dict):  # Hugging Face {bytes, path}
-        value = value.get("bytes")
-    return value if isinstance(value, (bytes, bytearray)) else None
-
-
-def _input_image_column(fs: pafs.FileSystem, path: str, manifest: dict[str, Any]) -> str | None:
-    explicit = ((manifest.get("result_config") or {}).get("columns") or {}).get("image")
-    with fs.open_input_file(path) as f:
-        names = pq.ParquetFile(f).schema_arrow.names
-    if explicit:
-        return explicit if explicit in names else None
-    return next((c for c in IMAGE_COLUMN_CANDIDATES if c in names), None)
+    return take_rows(fs, path, column, rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,14 +273,8 @@ def write_report(out_dir: str | Path, n_worst: int = 24, n_best: int = 12, n_rou
     for name, v in (("n_worst", n_worst), ("n_best", n_best), ("n_route", n_route), ("n_table", n_table)):
         if v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
-    fs, root = resolve_fs(str(out_dir))
-    migrate_legacy_layout(fs, root)
-    manifest = read_json(fs, join(root, f"{STATE_DIR}/manifest.json"))
-    if manifest is None:
-        raise InputError(
-            f"{out_dir}: no {STATE_DIR}/manifest.json; this is not the output folder of a `run` or `score` job "
-            "(pass the --out folder of such a job)"
-        )
+    job = open_job(str(out_dir))
+    fs, root, manifest = job.fs, job.root, job.manifest
     # 2. Read the scalar columns of every output row
     shards = _list_output_shards(fs, root, manifest)
     rows: list[Row] = []
@@ -686,30 +628,32 @@ def _refined_cell(r: Row, data: bytes | None, mode: str) -> tuple[Image.Image | 
 
 def _shard_images(fs: pafs.FileSystem, root: str, shard: ShardInfo, chosen: list[Row], manifest: dict, mode: str,
                   idx: list[int]) -> tuple[dict[int, bytes], dict[int, bytes]]:
-    """(original bytes, refined bytes) per row index of one output shard."""
+    """(original bytes, refined bytes) per row index of one output shard, from its format's layout."""
     originals: dict[int, bytes] = {}
     refined: dict[int, bytes] = {}
-    rows = {r.index: r for r in chosen if r.shard == shard.rel}
-    if C.SOURCE in shard.names:  # image folder: originals beside the input, refined under OUT/images
-        for i in idx:
-            src = rows[i].source
-            if not src:
-                continue
-            if shard.input:
-                originals[i] = _read_file(join(shard.input, src))
-            if mode == "refine":
-                refined[i] = _read_file(join(root, f"images/{safe_relpath(src)}"), fs)
+    view = shard.view
+    if view is None or not idx:
         return originals, refined
-    if shard.input:  # Parquet: the same row of the input shard
-        try:
-            in_fs, in_path = resolve_fs(shard.input)
-            col = _input_image_column(in_fs, in_path, manifest)
-            if col:
-                originals = {i: _image_bytes(v) for i, v in _take(in_fs, in_path, col, idx).items()}
-                if mode == "refine" and col in shard.names:  # refined images replace the input column
-                    refined = {i: _image_bytes(v) for i, v in _take(fs, shard.path, col, idx).items()}
-        except (OSError, pa.ArrowInvalid, InputError):
-            pass  # input moved or unreadable: the cells say "not available"
+    fmt = get_format(view.format)
+    try:
+        rows = pa.Table.from_pylist([{} for _ in idx])
+        names = [n for n in shard.names if n in (C.SOURCE, C.KEY) or n == view.image_column or n in ("image", "img",
+                 "jpg", "jpeg", "png", "webp", "image_bytes")]
+        if names:
+            cols = {n: [v for _, v in sorted(_take(fs, shard.path, n, idx).items())] for n in names}
+            order = sorted(set(idx))
+            rows = pa.table(cols) if cols else rows
+            pos = {i: k for k, i in enumerate(order)}
+            rows = rows.take(pa.array([pos[i] for i in idx]))
+        for i, (data, _) in zip(idx, fmt.images(view, rows, idx, final=False)):
+            if data is not None:
+                originals[i] = data
+        if mode == "refine":
+            for i, (data, _) in zip(idx, fmt.images(view, rows, idx, final=True)):
+                if data is not None:
+                    refined[i] = data
+    except (OSError, pa.ArrowInvalid, InputError):
+        pass  # input moved or unreadable: the cells say "not available"
     return originals, refined
 
 

@@ -21,7 +21,8 @@ from typing import Any
 from grefine_curate.curate.config import Preset, RoutingConfig
 from grefine_curate.curate.routing import check_routing
 from grefine_curate.pipelines.audit import Audit, open_audit, read_scores
-from grefine_curate.pipelines.sources import STATE_DIR, Shard, fs_uri, join, resolve_fs
+from grefine_curate.pipelines.paths import STATE_DIR, fs_uri, join, resolve_fs
+from grefine_curate.pipelines.work import Shard
 from grefine_curate.pipelines.thresholds import QuantileRouting, describe, quantile_routing
 
 AUDIT_REL = f"{STATE_DIR}/audit"  # the score pass of quantile routing without --scores

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from grefine_curate.curate.errors import InputError
-from grefine_curate.pipelines.sinks import tmp_name, try_delete
+from grefine_curate.pipelines.commit import AtomicFile
 
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 PROMPT_JSON_FIELDS = ("caption", "prompt")
@@ -216,10 +216,8 @@ class TarSink:
 
     def __init__(self, fs: pafs.FileSystem, path: str):
         self.fs, self.path = fs, path
-        fs.create_dir(posixpath.dirname(path), recursive=True)
-        self.tmp = tmp_name(path)
-        self._stream = fs.open_output_stream(self.tmp)
-        self._tar = tarfile.open(fileobj=self._stream, mode="w|", format=tarfile.PAX_FORMAT)
+        self._file = AtomicFile(fs, path)
+        self._tar = tarfile.open(fileobj=self._file.stream, mode="w|", format=tarfile.PAX_FORMAT)
 
     def _add(self, info: tarfile.TarInfo, data: bytes) -> None:
         ti = tarfile.TarInfo(info.name)
@@ -250,17 +248,14 @@ class TarSink:
 
     def commit(self) -> int:
         self._tar.close()
-        self._stream.close()
-        self.fs.move(self.tmp, self.path)
-        return self.fs.get_file_info(self.path).size
+        return self._file.commit()
 
     def abort(self) -> None:
         try:
             self._tar.close()
-            self._stream.close()
         except Exception:  # noqa: BLE001 - best effort on the way out
             pass
-        try_delete(self.fs, self.tmp)
+        self._file.abort()
 
 
 def concat_tars(fs: pafs.FileSystem, parts: list[str], dest: str) -> int:

@@ -7,7 +7,7 @@ does not own); an image-folder shard and a WebDataset tar into runs of ``unit_ro
 scheduled over all workers, largest first, so one big file keeps every GPU busy.
 
 A shard of one unit writes its output file directly (as before units existed). A shard of several
-units has each unit write a *part* under ``OUT/_grefine/units/<output>/<start>-<stop>.parquet``,
+units has each unit write a *part* under ``OUT/__grefine__/units/<output>/<start>-<stop>.part``,
 committed on its own (temporary name, footer with its commit record, rename): a finished unit is
 never recomputed, even after ``kill -9``. When the last unit of a shard lands, the driver
 concatenates the parts (row group by row group: Parquet pages are re-compressed, image bytes are
@@ -20,71 +20,29 @@ in input order, every input column kept.
 from __future__ import annotations
 
 import json
-import posixpath
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from grefine_curate.pipelines.commit import ParquetFile, write_atomic
 from grefine_curate.pipelines.manifest import companions_present
-from grefine_curate.pipelines.records import encode_record, read_record, record_matches
-from grefine_curate.pipelines.sinks import marker_path, tmp_name, try_delete, write_atomic
-from grefine_curate.pipelines.sources import STATE_DIR, Shard, join
-from grefine_curate.pipelines.tar_shards import concat_tars
-
-if TYPE_CHECKING:  # processor imports this module: no import cycle at run time
-    from grefine_curate.pipelines.processor import ShardResult, ShardTask
-
-UNITS_DIR = f"{STATE_DIR}/units"
-
-
-@dataclass(frozen=True)
-class Unit:
-    start: int  # first row, in input order
-    stop: int  # one past the last row
-    row_groups: tuple[int, ...] | None = None  # parquet: the row groups holding [start, stop)
-
-    @property
-    def rows(self) -> int:
-        return self.stop - self.start
-
-
-def part_path(out_root: str, rel: str, start: int, stop: int) -> str:
-    """Where a unit's committed part lives: OUT/_grefine/units/<output rel>/<start>-<stop>.parquet."""
-    return join(out_root, f"{UNITS_DIR}/{rel}/{start:010d}-{stop:010d}.parquet")
-
-
-def parts_dir(out_root: str, rel: str) -> str:
-    return join(out_root, f"{UNITS_DIR}/{rel}")
+from grefine_curate.pipelines.paths import UNITS_DIR, join, marker_path, part_path, parts_dir  # noqa: F401
+from grefine_curate.pipelines.records import read_record, record_matches
+from grefine_curate.pipelines.formats import get_format
+from grefine_curate.pipelines.work import Shard, ShardResult, ShardTask, Unit, as_result, unit_summary
 
 
 def plan_units(shard: Shard, row_cap: int | None, unit_rows: int) -> list[Unit]:
-    """The units of one shard, in input order, covering rows [0, min(num_rows, row_cap))."""
+    """The units of one shard, in input order, covering rows [0, min(num_rows, row_cap)) (its format cuts them)."""
     end = shard.num_rows if row_cap is None else min(row_cap, shard.num_rows)
     if end <= 0:
         return []
-    if shard.kind == "parquet" and shard.row_groups:
-        units: list[Unit] = []
-        start = pos = 0
-        groups: list[int] = []
-        for g, n in enumerate(shard.row_groups):
-            if pos >= end:
-                break
-            groups.append(g)
-            pos += n
-            if pos - start >= unit_rows:
-                units.append(Unit(start, min(pos, end), tuple(groups)))
-                start, groups = pos, []
-        if groups and start < end:
-            units.append(Unit(start, min(pos, end), tuple(groups)))
-        return units
-    if shard.kind == "folder" or (shard.kind == "tar" and shard.tar_offsets):
-        return [Unit(k, min(k + unit_rows, end)) for k in range(0, end, unit_rows)]
-    return [Unit(0, end)]  # a Parquet file without row-group metadata: one unit
+    return get_format(shard.format).units(shard, end, unit_rows)
 
 
 @dataclass
@@ -108,10 +66,9 @@ class UnitLedger:
 
     def plan(self, shard: Shard, row_cap: int | None, unit_rows: int, resume: bool) -> list[ShardTask]:
         """The tasks still to run for an incomplete shard; parts committed by an earlier run are kept."""
-        from grefine_curate.pipelines.processor import ShardTask
-
         units = plan_units(shard, row_cap, unit_rows)
         if len(units) <= 1:  # the whole shard is one unit: it writes the output file itself
+            self.drop_parts(shard.rel)  # parts of an earlier, differently cut run are orphans now
             return [ShardTask(shard=shard, out_fs=self.fs, out_root=self.root, row_cap=row_cap)]
         book = _Book(shard, row_cap, units)
         self.books[shard.rel] = book
@@ -166,50 +123,41 @@ class UnitLedger:
 
     def _assemble(self, book: _Book) -> ShardResult:
         """Concatenate the parts in row order into the output (temporary name, record in the footer,
-        rename), write the marker, delete the parts."""
-        from grefine_curate.pipelines.processor import ShardResult, unit_summary
-
+        rename), after the format joined what the units wrote beside them; write the marker, delete the parts."""
         t0 = time.perf_counter()
         shard = book.shard
         final = join(self.root, shard.record_rel)
-        self.fs.create_dir(posixpath.dirname(final), recursive=True)
-        companions: dict[str, int] = {}
-        if any(book.done[u.start].get("companions") for u in book.units):  # a tar's units: the tar first
-            parts = [part_path(self.root, shard.rel, u.start, u.stop)[: -len(".parquet")] + ".tar"
-                     for u in book.units]
-            companions[shard.rel] = concat_tars(self.fs, parts, join(self.root, shard.rel))
-        tmp = tmp_name(final)
+        parts = [part_path(self.root, shard.rel, u.start, u.stop) for u in book.units]
+        companions = get_format(shard.format).assemble(self.fs, self.root, shard, parts, [book.done[u.start] for u in book.units])
         status: Counter[str] = Counter()
         routes: Counter[str] = Counter()
         rows = 0
+        writer = None
         try:
-            with self.fs.open_output_stream(tmp) as sink:
-                writer = None
-                for u in book.units:
-                    with self.fs.open_input_file(part_path(self.root, shard.rel, u.start, u.stop)) as f:
-                        pf = pq.ParquetFile(f)
-                        if writer is None:
-                            writer = pq.ParquetWriter(sink, pf.schema_arrow, compression="zstd")
-                        for g in range(pf.num_row_groups):  # one row group in memory at a time
-                            writer.write_table(pf.read_row_group(g))
-                        rows += pf.metadata.num_rows
-                    rec = book.done[u.start]
-                    status.update(rec.get("status", {}))
-                    routes.update(rec.get("routes", {}))
-                expected = sum(u.rows for u in book.units)
-                assert rows == expected, f"{shard.rel}: parts hold {rows} rows, the units {expected}"
-                units = [unit_summary(_as_result(book.done[u.start])) for u in book.units]
-                res = ShardResult(rel=shard.rel, rows=rows, status=dict(status), routes=dict(routes),
-                                  seconds=round(sum(x["seconds"] for x in units) + time.perf_counter() - t0, 3),
-                                  output=final, start=0, stop=rows)
-                record = {**res.to_json(), "input": shard.path, "source_key": shard.source_key,
-                          "fingerprint": self.fingerprint, "row_cap": book.row_cap, "units": units,
-                          "companions": companions}
-                writer.add_key_value_metadata(encode_record(record))
-                writer.close()
-            self.fs.move(tmp, final)
+            for u, part in zip(book.units, parts):
+                with self.fs.open_input_file(part) as f:
+                    pf = pq.ParquetFile(f)
+                    if writer is None:
+                        writer = ParquetFile(self.fs, final, pf.schema_arrow)
+                    for g in range(pf.num_row_groups):  # one row group in memory at a time
+                        writer.write_table_now(pf.read_row_group(g))
+                    rows += pf.metadata.num_rows
+                rec = book.done[u.start]
+                status.update(rec.get("status", {}))
+                routes.update(rec.get("routes", {}))
+            expected = sum(u.rows for u in book.units)
+            assert rows == expected, f"{shard.rel}: parts hold {rows} rows, the units {expected}"
+            units = [unit_summary(as_result(book.done[u.start])) for u in book.units]
+            res = ShardResult(rel=shard.rel, rows=rows, status=dict(status), routes=dict(routes),
+                              seconds=round(sum(x["seconds"] for x in units) + time.perf_counter() - t0, 3),
+                              output=final, start=0, stop=rows)
+            record = {**res.to_json(), "input": shard.path, "format": shard.format, "source_key": shard.source_key,
+                      "fingerprint": self.fingerprint, "row_cap": book.row_cap, "units": units,
+                      "companions": companions}
+            writer.commit(record)
         except BaseException:
-            try_delete(self.fs, tmp)
+            if writer is not None:
+                writer.abort()
             raise
         write_atomic(self.fs, marker_path(self.root, shard.rel),
                      json.dumps({**record, "finished_at": time.time()}, indent=1).encode())
@@ -225,10 +173,3 @@ class UnitLedger:
                 self.fs.delete_dir(d)
         except (OSError, FileNotFoundError):
             pass  # leftovers are harmless: the next run of this shard ignores parts that do not match
-
-
-def _as_result(rec: dict[str, Any]) -> ShardResult:
-    from grefine_curate.pipelines.processor import ShardResult
-
-    names = ShardResult.__dataclass_fields__
-    return ShardResult(**{k: v for k, v in rec.items() if k in names})

@@ -1,10 +1,14 @@
-"""Sinks of the curation job: atomic output files, buffered Parquet shards, job state under OUT.
+"""Atomic files: the one way anything under OUT (or an export's folder) is written.
 
-The output contract rests on one rule: every file under OUT is written to a temporary name beside
-its final path (``.<name>.grefine-tmp-XXXXXXXX``, hidden, so Parquet readers and our own discovery
-skip it) and renamed when complete. A job killed at any moment therefore leaves only complete
-files and ignorable temporaries, which the next run deletes. Paths go through ``pyarrow.fs``
-(local, s3://, gs://); on object stores the "rename" is a copy whose target appears complete.
+Every file is written to a temporary name beside its final path (``.<name>.grefine-tmp-XXXXXXXX``,
+hidden, so Parquet readers and our own discovery skip it) and renamed when complete. A job killed at
+any moment therefore leaves only complete files and ignorable temporaries, which the next run
+deletes. Paths go through ``pyarrow.fs`` (local, s3://, gs://); on object stores the "rename" is a
+copy whose target appears complete.
+
+``AtomicFile`` is the primitive (a stream with ``commit`` / ``abort``); ``ParquetFile`` buffers
+row groups over it and writes the commit record into the footer (records.py); the tar sink, the
+unit assembly and the export writers all sit on ``AtomicFile``.
 """
 
 from __future__ import annotations
@@ -18,19 +22,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from grefine_curate.pipelines.paths import TMP_MARK, join
 from grefine_curate.pipelines.records import encode_record
-from grefine_curate.pipelines.sources import STATE_DIR, TMP_MARK, join
 
-# Formats a folder output keeps per extension (refined images are re-encoded in the file's own format).
-EXTENSION_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP",
-                     ".gif": "GIF", ".tif": "TIFF", ".tiff": "TIFF"}
 FLUSH_ROWS = 1024  # output rows buffered before a Parquet row group is written
 FLUSH_BYTES = 64 << 20  # ... or this many bytes, whichever comes first (bounds worker memory)
-
-
-def marker_path(out_root: str, rel: str) -> str:
-    """Completion marker of one output shard: OUT/__grefine__/shards/<rel>.json."""
-    return join(out_root, f"{STATE_DIR}/shards/{rel}.json")
 
 
 def tmp_name(path: str) -> str:
@@ -45,17 +41,54 @@ def try_delete(fs: pafs.FileSystem, path: str) -> None:
         pass
 
 
+class AtomicFile:
+    """An output stream on a temporary name beside ``path``: ``commit`` renames it into place (and
+    returns the file's size), ``abort`` deletes it. Usable as a context manager (abort on error)."""
+
+    def __init__(self, fs: pafs.FileSystem, path: str):
+        self.fs, self.path = fs, path
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+        self.tmp = tmp_name(path)
+        self.stream = fs.open_output_stream(self.tmp)
+        self._open = True
+
+    def write(self, data: bytes) -> None:
+        self.stream.write(data)
+
+    def commit(self) -> int:
+        self.stream.close()
+        self._open = False
+        self.fs.move(self.tmp, self.path)
+        return self.fs.get_file_info(self.path).size
+
+    def abort(self) -> None:
+        if self._open:
+            try:
+                self.stream.close()
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+            self._open = False
+        try_delete(self.fs, self.tmp)
+
+    def __enter__(self) -> "AtomicFile":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._open:
+            self.commit()
+
+
 def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write to a temporary name beside ``path``, then rename: readers never see a partial file."""
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    tmp = tmp_name(path)
+    """Write ``data`` to ``path`` so that readers never see a partial file."""
+    f = AtomicFile(fs, path)
     try:
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        fs.move(tmp, path)
+        f.write(data)
     except BaseException:
-        try_delete(fs, tmp)
+        f.abort()
         raise
+    f.commit()
 
 
 def read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
@@ -96,8 +129,9 @@ def clean_shard_temporaries(fs: pafs.FileSystem, path: str) -> int:
     return len(gone)
 
 
-class ShardWriter:
-    """Buffered ParquetWriter on a temporary file; ``commit`` renames it into place, ``abort`` deletes it.
+class ParquetFile:
+    """Buffered ParquetWriter on an AtomicFile; ``commit`` writes the commit record into the footer
+    and renames the file into place, ``abort`` deletes it.
 
     Rows are appended in input order; row groups of up to FLUSH_ROWS rows / FLUSH_BYTES bytes keep
     both memory and the number of row groups bounded whatever the batch size.
@@ -105,23 +139,28 @@ class ShardWriter:
 
     def __init__(self, fs: pafs.FileSystem, path: str, schema: pa.Schema):
         self.fs, self.path, self.schema = fs, path, schema
-        fs.create_dir(posixpath.dirname(path), recursive=True)
-        self.tmp = tmp_name(path)
-        self._stream = fs.open_output_stream(self.tmp)
-        self._writer = pq.ParquetWriter(self._stream, schema, compression="zstd")
-        self._buf: list[pa.RecordBatch] = []
+        self._file = AtomicFile(fs, path)
+        self.tmp = self._file.tmp
+        self._writer = pq.ParquetWriter(self._file.stream, schema, compression="zstd")
+        self._buf: list[pa.RecordBatch | pa.Table] = []
         self._rows = self._bytes = 0
 
-    def write(self, batch: pa.RecordBatch) -> None:
+    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
         self._buf.append(batch)
         self._rows += batch.num_rows
         self._bytes += batch.nbytes
         if self._rows >= FLUSH_ROWS or self._bytes >= FLUSH_BYTES:
             self.flush()
 
+    def write_table_now(self, table: pa.Table) -> None:
+        """One row group as it is (assembly copies parts row group by row group)."""
+        self.flush()
+        self._writer.write_table(table)
+
     def flush(self) -> None:
         if self._buf:
-            self._writer.write_table(pa.Table.from_batches(self._buf, schema=self.schema))
+            tables = [b if isinstance(b, pa.Table) else pa.Table.from_batches([b], schema=self.schema) for b in self._buf]
+            self._writer.write_table(pa.concat_tables(tables) if len(tables) > 1 else tables[0])
             self._buf, self._rows, self._bytes = [], 0, 0
 
     def commit(self, record: dict[str, Any] | None = None) -> None:
@@ -130,13 +169,14 @@ class ShardWriter:
         if record is not None:
             self._writer.add_key_value_metadata(encode_record(record))
         self._writer.close()
-        self._stream.close()
-        self.fs.move(self.tmp, self.path)
+        self._file.commit()
 
     def abort(self) -> None:
         try:
             self._writer.close()
-            self._stream.close()
         except Exception:  # noqa: BLE001 - best effort on the way out
             pass
-        try_delete(self.fs, self.tmp)
+        self._file.abort()
+
+
+ShardWriter = ParquetFile  # the name the processor and older code use
