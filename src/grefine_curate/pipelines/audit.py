@@ -17,7 +17,7 @@ when saved) from an earlier ``score`` run over the same inputs instead of comput
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,7 @@ class Audit:
     root: str  # path on its filesystem
     fingerprint: str  # the audit's config hash
     has_maps: bool  # saved with --save-maps
+    outputs: dict[str, str] = field(default_factory=dict)  # input shard -> the audit's output carrying its rows
 
 
 def scoring_config(preset: dict[str, Any], columns: dict[str, Any]) -> dict[str, Any]:
@@ -77,6 +78,7 @@ def open_audit(uri: str, shards: list[Shard], caps: list[int | None], preset: Pr
                           "every image again; rerun `score --save-maps`, or drop --save-maps")
     # 2. The same inputs, unchanged and complete
     entries = {e.get("shard"): e for e in man.get("inputs") or []}
+    outputs = {rel: e.get("output") or rel for rel, e in entries.items()}
     fingerprint = man.get("config_hash") or ""
     for shard, cap in zip(shards, caps):
         where = f"--scores {uri}: input shard {shard.rel}"
@@ -88,7 +90,7 @@ def open_audit(uri: str, shards: list[Shard], caps: list[int | None], preset: Pr
                              f"{fs_uri(shard.fs, shard.path)}; pass the same inputs")
         marker = read_json(fs, marker_path(root, shard.rel))
         if marker is None or marker.get("fingerprint") != fingerprint or \
-                fs.get_file_info(join(root, shard.record_rel)).type != pafs.FileType.File:
+                fs.get_file_info(join(root, outputs[shard.rel])).type != pafs.FileType.File:
             raise InputError(f"{where} is not complete in the audit; rerun the `score` command that made it "
                              "(it resumes) before reusing it")
         if marker.get("source_key") != shard.source_key:
@@ -98,7 +100,7 @@ def open_audit(uri: str, shards: list[Shard], caps: list[int | None], preset: Pr
         if theirs_cap is not None and (cap is None or cap > theirs_cap):
             raise InputError(f"{where}: the audit scored only its first {theirs_cap} rows (--limit) and this run "
                              f"needs {cap if cap is not None else shard.num_rows}; rerun `score` without --limit")
-    return Audit(uri=uri, root=root, fingerprint=fingerprint, has_maps=has_maps)
+    return Audit(uri=uri, root=root, fingerprint=fingerprint, has_maps=has_maps, outputs=outputs)
 
 
 def read_scores(audit: Audit, shards: list[Shard], caps: list[int | None]) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +108,7 @@ def read_scores(audit: Audit, shards: list[Shard], caps: list[int | None]) -> tu
     fs, _ = resolve_fs(audit.uri)
     ps, as_ = [], []
     for shard, cap in zip(shards, caps):
-        with fs.open_input_file(join(audit.root, shard.record_rel)) as f:
+        with fs.open_input_file(join(audit.root, audit.outputs.get(shard.rel, shard.record_rel))) as f:
             t = pq.ParquetFile(f).read(columns=[C.STATUS, C.PQ_SCORE, C.AQ_SCORE])
         if cap is not None:
             t = t.slice(0, cap)
@@ -157,7 +159,9 @@ class PriorRows:
     def __init__(self, scores_uri: str, rel: str, has_maps: bool, start: int = 0):
         fs, root = resolve_fs(scores_uri)
         self.where = f"{scores_uri}: {rel}"
-        self._file = fs.open_input_file(join(root, rel))
+        man = read_json(fs, manifest_path(root)) or {}
+        entry = next((e for e in man.get("inputs") or [] if e.get("shard") == rel), {})
+        self._file = fs.open_input_file(join(root, entry.get("output") or rel))  # the audit names its outputs
         cols = [C.ID, C.STATUS, C.ERROR, C.PQ_SCORE, C.AQ_SCORE, C.UNMATCHED]
         pf = pq.ParquetFile(self._file)
         if has_maps:

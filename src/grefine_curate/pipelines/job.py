@@ -18,6 +18,7 @@ Steps: 1. check options  2. resolve the preset  3. find and check every input sh
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 import time
 
 import pyarrow.fs as pafs
@@ -48,7 +49,16 @@ from grefine_curate.pipelines.limits import find_shrinks, refuse_shrink, remove_
 from grefine_curate.pipelines.models import check_weights
 from grefine_curate.pipelines.commit import clean_stale_temporaries, read_json
 from grefine_curate.pipelines.engines import EngineSpec
-from grefine_curate.pipelines.paths import STATE_DIR, TMP_MARK, fs_uri, join, mask_secret, resolve_fs, store_error
+from grefine_curate.pipelines.paths import (
+    STATE_DIR,
+    TMP_MARK,
+    fs_uri,
+    join,
+    mask_secret,
+    reachable,
+    resolve_fs,
+    store_error,
+)
 from grefine_curate.pipelines.formats import get_format
 from grefine_curate.pipelines.sources import discover
 from grefine_curate.pipelines.units import UnitLedger
@@ -99,6 +109,7 @@ class JobConfig:
     refine_worst: float | None = None  # refine mode: route full the worst fraction by p and by a (quantiles)
     light_next: float | None = None  # refine mode: route light the next fraction
     write_report: bool = True  # write OUT/__grefine__/report.html at the end (not for the inner score pass)
+    output_suffix: str | None = None  # name outputs *.<suffix> instead of *.parquet (the inner score pass under OUT)
     allow_paths: list[str] | None = None  # folders that image paths in the data may name (besides the input's own)
     # Seams for tests and embedding (never in the manifest): how the models are built, a hook after each batch
     engine_factory: Any = None  # callable(EngineSpec) -> Engine, picklable for Ray (default: the real models)
@@ -224,12 +235,16 @@ def run_job(cfg: JobConfig) -> JobSummary:
     # 3. Find and check every input shard (metadata only)
     columns = ColumnSpec(image=cfg.image_column, prompt=cfg.prompt_column, id=cfg.id_column)
     shards = discover(cfg.inputs, columns, out=cfg.out, folder_shard_size=cfg.folder_shard_size)
+    if cfg.output_suffix:  # Parquet bytes under another name: 'OUT/**/*.parquet' globs see outputs only
+        for s in shards:
+            s.record_rel = posixpath.splitext(s.record_rel)[0] + cfg.output_suffix
     total_rows = sum(s.num_rows for s in shards)
     if total_rows == 0:
         names = ", ".join(s.path for s in shards[:3]) + (", ..." if len(shards) > 3 else "")
         raise InputError(f"the input has no rows ({len(shards)} shard(s) found, all empty: {names}): nothing to do")
     caps = _row_caps([s.num_rows for s in shards], cfg.limit)
     out_fs, out_root = resolve_fs(cfg.out)
+    reachable(out_fs, out_root, cfg.out)  # a wrong endpoint is one line here, not a traceback later
     migrate_legacy_layout(out_fs, out_root)  # before anything reads or writes OUT/__grefine__
     shrinks = find_shrinks(out_fs, out_root, shards, caps)  # a smaller --limit than OUT's finished rows
     keep = [i for i, (s, c) in enumerate(zip(shards, caps)) if c is None or c > 0]
@@ -371,8 +386,9 @@ def run_job(cfg: JobConfig) -> JobSummary:
     # Rows are those the units of this run processed, plus such unheard shards (a shard assembled from
     # units all committed by an earlier run adds none).
     before = {st.shard.rel for st in states if st.complete}
+    # (a marker this run wrote: an output adopted from an earlier run's footer is not this run's work)
     done_now = [st for st in after if st.complete and st.shard.rel not in before
-                and float(st.marker.get("finished_at") or st.marker.get("adopted_at") or started_at) >= started_at]
+                and float(st.marker.get("finished_at") or 0) >= started_at]
     assembled_only = {r.rel for r in early}
     rows_run = sum(report.rows_by_shard.values()) + sum(
         int(st.marker.get("rows", 0)) for st in done_now

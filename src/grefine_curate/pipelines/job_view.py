@@ -19,7 +19,7 @@ from grefine_curate.pipelines.commit import read_json
 from grefine_curate.pipelines.formats import all_formats, get_format
 from grefine_curate.pipelines.formats.base import OutputView
 from grefine_curate.pipelines.layout import migrate_legacy_layout
-from grefine_curate.pipelines.paths import STATE_DIR, is_hidden_or_state, join, manifest_path, resolve_fs
+from grefine_curate.pipelines.paths import STATE_DIR, is_hidden_or_state, join, manifest_path, reachable, resolve_fs
 
 
 @dataclass
@@ -47,7 +47,7 @@ def _format_of(entry: dict[str, Any]) -> str:
 
 def open_job(out_dir: str, what: str = "a `run` or `score` job") -> JobView:
     fs, root = resolve_fs(out_dir)
-    info = fs.get_file_info(root)
+    info = reachable(fs, root, out_dir)
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"{out_dir}: not found; pass the --out folder of {what}")
     migrate_legacy_layout(fs, root)

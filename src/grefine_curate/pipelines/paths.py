@@ -76,6 +76,16 @@ def store_error(uri: str, e: BaseException) -> InputError:
                       "check the endpoint, the bucket and the credentials")
 
 
+def reachable(fs: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:
+    """The info of ``path``, or one line (InputError, exit 2) when its store cannot be reached."""
+    try:
+        return fs.get_file_info(path)
+    except OSError as e:
+        if isinstance(fs, pafs.LocalFileSystem):
+            raise InputError(f"{uri}: {e}") from e
+        raise store_error(uri, e) from e
+
+
 def join(base: str, rel: str) -> str:
     return posixpath.join(base.rstrip("/"), rel) if base else rel
 

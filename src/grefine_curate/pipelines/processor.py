@@ -285,7 +285,7 @@ def process_unit(task: ShardTask, in_schema: pa.Schema | None, batches, engine: 
     if opts.scores_uri is not None and opts.mode == "refine":
         from grefine_curate.pipelines.audit import PriorRows
 
-        prior = PriorRows(opts.scores_uri, shard.record_rel, opts.scores_maps, start=task.start)
+        prior = PriorRows(opts.scores_uri, shard.rel, opts.scores_maps, start=task.start)
         routing = opts.routing
         assert routing is not None, "--scores needs the thresholds in force (opts.routing)"
     pool = ThreadPoolExecutor(max_workers=max(1, opts.decode_threads), thread_name_prefix="grefine-decode")

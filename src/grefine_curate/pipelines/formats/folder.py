@@ -195,7 +195,7 @@ class ImageFolderFormat(Format):
     # ---- output
 
     def output_files(self, shard: Shard) -> list[tuple[str, str]]:
-        return [(shard.rel, shard.path)] + [(it.out_rel or f"{IMAGES_DIR}/{safe_relpath(it.rel)}",
+        return [(shard.record_rel, shard.path)] + [(it.out_rel or f"{IMAGES_DIR}/{safe_relpath(it.rel)}",
                                              join(shard.path, it.rel)) for it in shard.items]
 
     def output_schema(self, shard, input_schema, added, opts):
@@ -229,7 +229,7 @@ class ImageFolderFormat(Format):
         for item in shard.items[new_rows:done_rows]:
             try_delete(fs, join(root, item.out_rel or f"{IMAGES_DIR}/{safe_relpath(item.rel)}"))
         if new_rows == 0:
-            try_delete(fs, join(root, shard.rel))
+            try_delete(fs, join(root, shard.record_rel))
 
     def finish(self, fs, root, shards, mode, keep_images):
         """OUT/metadata.jsonl: each mirrored image (``file_name``) with its scores, the Hub's imagefolder
@@ -240,7 +240,7 @@ class ImageFolderFormat(Format):
 
         lines = []
         for shard in shards:
-            with fs.open_input_file(join(root, shard.rel)) as f:
+            with fs.open_input_file(join(root, shard.record_rel)) as f:
                 t = pq.ParquetFile(f).read()
             keep = [n for n in t.column_names if n not in (C.ID,) and not pa.types.is_binary(t.schema.field(n).type)]
             for row in t.select(keep).to_pylist():

@@ -1,0 +1,171 @@
+"""The job layer's own contracts (issue 14): the unit step without an executor, OUT as a data set,
+resume bookkeeping, one output per input, and each bug the formats redesign fixed.
+
+Every job here runs in-process with an injected fake engine and, where it matters, an injected
+executor: no module is monkeypatched.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from grefine_curate.curate.errors import InputError
+from grefine_curate.pipelines import columns as C
+from grefine_curate.pipelines.executors import LocalExecutor
+from grefine_curate.pipelines.export import export
+from grefine_curate.pipelines.job import JobConfig, run_job
+from grefine_curate.pipelines.processor import ProcessOptions, ShardTask, process_unit
+from grefine_curate.pipelines.sources import discover
+from grefine_curate.pipelines.work import Item, Shard
+from job_corpus import FakeEngine, encode, rgb, write_folder, write_shard
+
+
+def _fake(spec):
+    return FakeEngine()
+
+
+def _cfg(inp, out, **kw) -> JobConfig:
+    kw.setdefault("mode", "score")
+    return JobConfig(inputs=[str(i) for i in (inp if isinstance(inp, list) else [inp])], out=str(out), preset="tiny",
+                     executor="local", batch_size=2, quiet=True, engine_factory=_fake, write_report=False, **kw)
+
+
+def _files(root) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(b, f), root) for b, _, fs in os.walk(root) for f in fs)
+
+
+def test_process_unit_runs_on_an_in_memory_reader_and_store():
+    """The step is a plain generator over (raw batch, items): no file, no executor, no real store."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fs = pafs.PyFileSystem(pafs.FSSpecHandler(MemoryFileSystem()))
+    shard = Shard(format="imagefolder", fs=fs, path="/in", rel="scores/mem-00000.parquet", num_rows=3, source_key="k")
+    items = [Item(item_id=f"x{i}.png", prompt="a red car", raw=encode(rgb(i)), source=f"x{i}.png") for i in range(2)]
+    items.append(Item(item_id="bad.png", prompt=None, raw=b"not an image", source="bad.png"))
+    task = ShardTask(shard=shard, out_fs=fs, out_root="/out")
+    events = list(process_unit(task, None, iter([(None, items[:2]), (None, items[2:])]), FakeEngine(),
+                               ProcessOptions(mode="score", batch_size=2)))
+    assert events[:2] == [2, 1] and events[-1].status == {"ok": 2, "error": 1}
+    with fs.open_input_file("/out/scores/mem-00000.parquet") as f:
+        t = pq.read_table(f)
+    assert t.column(C.ID).to_pylist() == ["x0.png", "x1.png", "bad.png"]
+    assert t.column(C.STATUS).to_pylist() == ["ok", "ok", "error"]
+
+
+def test_out_holds_only_data_parquet_a_two_pass_run_keeps_its_audit_under_another_name(tmp_path):
+    """`OUT/**/*.parquet` (duckdb, polars) must see outputs only: parts and the inner audit are not *.parquet."""
+    write_shard(str(tmp_path / "in" / "a.parquet"), 8)
+    s = run_job(_cfg(tmp_path / "in", tmp_path / "out", mode="refine", refine_worst=0.25, unit_rows=4))
+    assert s.exit_code == 0 and s.rows == 8
+    parquet = [f for f in _files(tmp_path / "out") if f.endswith(".parquet")]
+    assert parquet == ["a.parquet"], parquet
+    assert any(f.startswith("__grefine__/audit/") and f.endswith(".scores") for f in _files(tmp_path / "out"))
+    import pyarrow.dataset as ds
+
+    assert ds.dataset(str(tmp_path / "out"), format="parquet").to_table().num_rows == 8
+    again = run_job(_cfg(tmp_path / "in", tmp_path / "out", mode="refine", refine_worst=0.25, unit_rows=4))
+    assert again.exit_code == 0 and again.shards_skipped == 1  # resumes with the audit under its own name
+
+
+def test_interrupted_no_resume_run_reports_only_its_own_rows_and_leaves_no_orphan_parts(tmp_path):
+    write_shard(str(tmp_path / "in" / "a.parquet"), 8)
+    write_shard(str(tmp_path / "in" / "b.parquet"), 8)
+    first = run_job(_cfg(tmp_path / "in", tmp_path / "out", unit_rows=4))
+    assert first.exit_code == 0 and first.rows == 16
+
+    class OneUnitThenCtrlC(LocalExecutor):  # an injected executor: one unit lands, then Ctrl-C
+        def run(self, tasks, spec, opts, progress, finish=None):
+            rep = super().run(tasks[:1], spec, opts, progress, finish)
+            rep.interrupted = True
+            return rep
+
+    s = run_job(_cfg(tmp_path / "in", tmp_path / "out", unit_rows=4, resume=False, executor_impl=OneUnitThenCtrlC()))
+    assert s.exit_code == 130
+    assert (s.shards_run, s.rows_this_run) == (0, 4), s.lines()  # one unit of 4 rows; no shard of the earlier run
+    done = run_job(_cfg(tmp_path / "in", tmp_path / "out", unit_rows=4))
+    assert done.exit_code == 0 and done.rows == 16
+    assert not [f for f in _files(tmp_path / "out") if f.startswith("__grefine__/units/")], "orphan parts left"
+
+
+def test_imagefolder_out_loads_as_an_imagefolder_with_its_scores(tmp_path):
+    write_folder(str(tmp_path / "photos"), n=4)
+    s = run_job(_cfg(tmp_path / "photos", tmp_path / "out", mode="refine"))
+    assert s.exit_code == 0
+    from datasets import load_dataset
+
+    d = load_dataset("imagefolder", data_dir=str(tmp_path / "out"))
+    assert list(d) == ["train"] and d["train"].num_rows == 4
+    assert {C.PQ_SCORE, C.ROUTE, C.PROMPT} <= set(d["train"].column_names)
+    assert isinstance(d["train"][0]["image"], Image.Image)
+
+
+def test_imagefolder_export_of_hub_named_shards_is_one_split_with_its_metadata(tmp_path):
+    """Shards named train-*.parquet once gave images under train/ and maps under maps/train/: mixed rows, no metadata."""
+    write_shard(str(tmp_path / "in" / "train-00000-of-00001.parquet"), 5)
+    assert run_job(_cfg(tmp_path / "in", tmp_path / "out", save_maps=True, max_error_rate=1.0)).exit_code == 0
+    export(str(tmp_path / "out"), str(tmp_path / "exp"), fmt="imagefolder", quiet=True)
+    from datasets import load_dataset
+
+    d = load_dataset("imagefolder", data_dir=str(tmp_path / "exp"))
+    assert list(d) == ["train"] and d["train"].num_rows == 5
+    row = d["train"][0]
+    assert isinstance(row["image"], Image.Image) and isinstance(row["pq_map"], Image.Image) and row[C.PQ_SCORE] is not None
+
+
+def test_webdataset_sidecar_columns_are_carried_into_the_output_sidecar(tmp_path):
+    import tarfile
+
+    (tmp_path / "in").mkdir()
+    keys = [f"{i:04d}" for i in range(3)]
+    with tarfile.open(tmp_path / "in" / "00000.tar", "w") as tf:
+        for k in keys:
+            for name, data in ((f"{k}.png", encode(rgb(int(k)))), (f"{k}.txt", b"a red car")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    pq.write_table(pa.table({"key": keys, "url": [f"https://x/{k}" for k in keys], "sha256": ["0" * 64] * 3}),
+                   tmp_path / "in" / "00000.parquet")
+    assert run_job(_cfg(tmp_path / "in", tmp_path / "out")).exit_code == 0
+    t = pq.read_table(tmp_path / "out" / "00000.parquet")
+    assert t.column("url").to_pylist() == [f"https://x/{k}" for k in keys] and "sha256" in t.column_names
+
+
+def test_two_images_of_one_folder_with_one_output_name_are_refused_naming_both(tmp_path):
+    """`a:b.png` and `a_b.png` both became images/a_b.png: one image silently lost (issue 15 item 1)."""
+    d = tmp_path / "photos"
+    d.mkdir()
+    for name, seed in (("a:b.png", 1), ("a_b.png", 2), ("c.png", 3), (" c.png", 4)):
+        (d / name).write_bytes(encode(rgb(seed)))
+    with pytest.raises(InputError) as e:
+        discover([str(d)])
+    msg = str(e.value)
+    assert "a:b.png" in msg and "a_b.png" in msg and "/ c.png" in msg and "images/c.png" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_as_an_s3_uri_is_never_a_local_folder(tmp_path, monkeypatch):
+    """`--out s3://bucket/x` was a typer Path: folded to ./s3:/bucket/x on the local disk, exit 0."""
+    from typer.testing import CliRunner
+
+    from grefine_curate.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    write_shard(str(tmp_path / "in" / "a.parquet"), 2)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    for k, v in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(k, v)
+    r = CliRunner().invoke(app, ["score", str(tmp_path / "in"), "--out", "s3://bkt/x", "--preset", "tiny",
+                                 "--executor", "local", "-q"])
+    assert not (tmp_path / "s3:").exists()
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "s3://bkt/x" in lines[0] and "http://127.0.0.1:9" in lines[0], r.output
