@@ -225,3 +225,35 @@ def test_decoder_messages_lose_bytes_literals(monkeypatch):
     with pytest.raises(ImageError) as e:
         decode_image(data, name="x")
     assert "AWS" not in str(e.value) and "OSError: broken PNG file (chunk <bytes>)" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lean conversions (bench/decode_memory.py) give the pixels of the plain ones
+
+
+def test_rgba_paste_equals_alpha_composite_on_white():
+    arr = np.random.default_rng(1).integers(0, 256, (30, 40, 4), dtype=np.uint8)
+    rgba = Image.fromarray(arr, "RGBA")
+    want = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    got = decode_image(_encode(rgba, "PNG"), name="x")
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_sixteen_bit_rounds_like_float_scaling():
+    grey = np.random.default_rng(2).integers(0, 65536, (300, 40)).astype(np.uint16)  # > one 256-row strip
+    got = np.asarray(decode_image(_encode(Image.fromarray(grey), "PNG"), name="x"))[..., 0]
+    want = np.clip(grey / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    assert np.array_equal(got, want)
+
+
+def test_png_with_a_large_profile_is_not_read_twice(monkeypatch):
+    from PIL import PngImagePlugin
+
+    seen = []
+    real = PngImagePlugin.PngStream.chunk_iCCP
+    monkeypatch.setattr(PngImagePlugin.PngStream, "chunk_iCCP", lambda self, pos, n: seen.append(n) or real(self, pos, n))
+    icc = np.random.default_rng(0).integers(0, 255, 2 << 20, dtype=np.uint8).tobytes()
+    assert decode_image(_encode(_rgb(), "PNG", icc_profile=icc), name="x").size == (40, 30)
+    assert seen == []  # dropped from the chunk headers before PIL reads (and refuses) the profile
+    assert decode_image(_encode(_rgb(), "PNG", icc_profile=b"\0" * 1000), name="x").size == (40, 30)
+    assert len(seen) == 1  # a small profile is read as usual

@@ -47,6 +47,7 @@ _SWAPS_AXES = {5, 6, 7, 8}  # stored width is the displayed height
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # PNG chunks that decoding never needs and PIL refuses above MAX_TEXT_CHUNK (the ICC profile, text)
 _PNG_DROPPABLE = {b"iCCP", b"zTXt", b"iTXt", b"tEXt"}
+PNG_CHUNK_KEEP = 256 * 1024  # such chunks above this size (compressed) are dropped before opening
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -56,10 +57,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode == "RGB":
         return img.copy() if img.readonly else img
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16/32-bit grey: scale the full range to 8 bits instead of clipping at 255.
+    if mode.startswith("I;16"):
+        # 16-bit grey: the full range scaled to 8 bits (rounded), in integers, a strip of rows at a time
+        src = np.asarray(img)  # (H, W) uint16
+        grey = np.empty(src.shape, np.uint8)
+        for top in range(0, src.shape[0], 256):
+            strip = src[top:top + 256].astype(np.uint32)
+            strip *= 255
+            strip += 32767
+            strip //= 65535
+            grey[top:top + 256] = strip
+        del src
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode == "I":
+        # 32-bit grey: scale the image's range to 8 bits instead of clipping at 255.
         arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        hi = max(float(arr.max()), 1.0)
         arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
     if mode == "F":
@@ -71,9 +84,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
         mode = "RGBA"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        # Alpha over white, pasted into the RGB result: one image beside the decoded one, not four
+        rgba = img if mode == "RGBA" else img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, (0, 0), rgba)
+        return out
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
@@ -103,11 +118,27 @@ def _without_png_chunks(data: bytes, drop: set[bytes]) -> bytes:
     return b"".join(out)
 
 
+def _big_png_chunks(data: bytes, names: set[bytes], over: int) -> bool:
+    """Whether the PNG holds a chunk of one of ``names`` longer than ``over`` bytes (chunk headers only)."""
+    pos = len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, cid = struct.unpack(">I4s", data[pos:pos + 8])
+        if cid in names and length > over:
+            return True
+        if cid in (b"IDAT", b"IEND"):
+            return False  # the chunks PIL reads at open come before the image data
+        pos += 12 + length
+    return False
+
+
 def _open(data: bytes) -> Image.Image:
-    """Image.open; a PNG refused for an oversized ICC profile or text chunk is opened without those chunks."""
+    """Image.open; a PNG whose ICC profile or text chunks are too big for PIL is opened without those chunks
+    (found from the chunk headers first, so a multi-megabyte profile is not read twice)."""
+    if data.startswith(PNG_SIGNATURE) and _big_png_chunks(data, _PNG_DROPPABLE, PNG_CHUNK_KEEP):
+        data = _without_png_chunks(data, _PNG_DROPPABLE)
     try:
         return Image.open(io.BytesIO(data))
-    except ValueError as e:
+    except ValueError as e:  # a small chunk that decompresses above PIL's MAX_TEXT_CHUNK
         if not (data.startswith(PNG_SIGNATURE) and "too large" in str(e)):
             raise
     return Image.open(io.BytesIO(_without_png_chunks(data, _PNG_DROPPABLE)))
