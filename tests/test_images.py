@@ -166,6 +166,19 @@ def test_header_size_is_the_displayed_size():
     assert image_size_from_header(data) == (32, 64)
 
 
+def test_header_size_never_decodes_a_png(monkeypatch):
+    from PIL import PngImagePlugin
+
+    from grefine_curate.curate.images import image_size_from_header
+
+    loads = []
+    real = PngImagePlugin.PngImageFile.load
+    data = _encode(Image.new("L", (3000, 2000)), "PNG")
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: loads.append(1) or real(self))
+    assert image_size_from_header(data) == (3000, 2000)
+    assert loads == []  # a decompression bomb is never decoded to learn its size
+
+
 def test_pixel_limit_holds_for_rotated_images():
     data, _ = _oriented("JPEG", 6, size=(300, 100))
     with pytest.raises(ImageError, match="limit"):

@@ -92,8 +92,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def _orientation(img: Image.Image) -> int:
-    """The EXIF orientation (1..8; 1 when absent or unreadable)."""
+def _orientation(img: Image.Image, header_only: bool = False) -> int:
+    """The EXIF orientation (1..8; 1 when absent or unreadable). ``header_only``: never decode pixels
+    to find it (PIL's PNG getexif loads the whole image when the EXIF chunk is not before the data)."""
+    if header_only and img.format == "PNG" and "exif" not in img.info:
+        return 1
     try:
         value = int(img.getexif().get(EXIF_ORIENTATION, 1))
     except Exception:  # noqa: BLE001 - a broken EXIF block: show the image as stored
@@ -203,7 +206,7 @@ def image_size_from_header(data: bytes, name: str = "<bytes>") -> tuple[int, int
     try:
         with _open(data) as img:
             w, h = img.size  # a TIFF's size is already the displayed one (PIL applies its orientation)
-            return (h, w) if img.format != "TIFF" and _orientation(img) in _SWAPS_AXES else (w, h)
+            return (h, w) if img.format != "TIFF" and _orientation(img, header_only=True) in _SWAPS_AXES else (w, h)
     except UnidentifiedImageError as e:
         raise ImageError(f"{name}: not a readable image ({looks_like(data)})") from e
     except (OSError, ValueError) as e:
