@@ -670,7 +670,8 @@ def _filter_attrs(r: Row) -> str:
 
 
 def _all_items(rows: list[Row], mode: str, manifest: dict, n_table: int) -> str:
-    """A text-only table of items (worst first, up to n_table) that the filter also searches."""
+    """A text-only table of items (worst first, up to n_table; then the error rows with their input file)
+    that the filter also searches."""
     ranked = _ranked(rows)
     shown = ranked[:n_table]
     trs = ['<tr><th>item</th><th>p</th><th>a</th>' + ('<th>p after</th><th>a after</th>' if mode == "refine" else "")
