@@ -532,7 +532,7 @@ def test_error_rows_are_in_the_items_table_with_their_file(tmp_path):
     err = items[items.index('<tr class="item error"'):]
     assert "cannot decode image (UnidentifiedImageError)" in err
     assert f"input: {inp} row 5" in err
-    assert "then the 1 error rows" in items
+    assert "then the error row (1)" in items
 
 
 def test_error_rows_of_a_folder_name_the_image_file(tmp_path):

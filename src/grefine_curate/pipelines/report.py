@@ -693,7 +693,7 @@ def _all_items(rows: list[Row], mode: str, manifest: dict, n_table: int) -> str:
     note = (f"all {len(ranked)} scored items" if len(shown) == len(ranked) else
             f"the {len(shown)} worst of {len(ranked)} scored items (report --table-rows N for more)")
     if n_errors:
-        note += (f", then the {n_errors} error rows" if len(errors) == n_errors else
+        note += (f", then the error row{'s' if n_errors != 1 else ''} ({n_errors})" if len(errors) == n_errors else
                  f", then {len(errors)} of the {n_errors} error rows")
     return (f'<section id="items"><h2>Items</h2><p class="note">{note}, worst first; the filter above applies.</p>'
             f'<table class="items">{"".join(trs)}</table></section>')
