@@ -13,7 +13,9 @@
    waits for the models whole). Growth = peak RSS (``VmHWM``) - baseline; decoded = batch x pixels
    x 3 bytes (8-bit RGB).
 
-Each case prints ``growth / decoded``; the last line is ``ratio: <the worst case>``. The goal
+Each case prints ``growth / decoded``; the last line is ``ratio: <the worst case>``. PIL keeps an
+RGB image at 4 bytes a pixel (RGBX), so a batch of decoded PIL images is 1.33x its 3-byte size:
+that is the floor; what lies above it is the conversion's transient copies of one image. The goal
 (issue 15) is within 1.5x of the images' decoded size plus the models; the models are a constant
 not loaded here, so the ratio is that of the decoding alone. The default limit (4 MP, 96 MB per
 batch) keeps the run to seconds on a shared CPU; ``--max-pixels 67108864`` is the presets' limit
