@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -394,7 +395,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     # the filter: phrase "red sofa" keeps the 3 worst-table items that have it unmatched; then p in [0.3, 0.5]
     assert filtered["phrase"] == 3 and filtered["range"] == 1 and filtered["route"] == 2
     assert filtered["tab"] == "block"  # the first route page is shown
-    assert filtered["initial"].endswith(" item rows shown") and not filtered["initial"].startswith("0 of 0")
+    assert filtered["initial"] == "8 of 8 items shown"  # 7 scored items and the error row, each counted once
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
 
 
@@ -416,7 +417,7 @@ def test_report_best_route_pages_items_table_and_banner(tmp_path):
     items = section(text, "items")
     assert items.count('<tr class="item"') == 5 and "the 5 worst of 7 scored items" in items
     assert "in OUT: part-0.parquet row 2" in section(text, "worst")  # the worst item (p 0.21) is row 2
-    assert 'data-phrases="red sofa\x1fblue hat"' in text and 'data-route="full"' in text
+    assert 'data-phrases="[&quot;red sofa&quot;, &quot;blue hat&quot;]"' in text and 'data-route="full"' in text
     assert 'id="f-text"' in section(text, "filter") and "<script>" in text and "src=" not in text.split("<script>")[1].split("</script>")[0]
     assert 'id="random-weights"' in text  # the fixture's manifest says tiny/random
 
@@ -437,3 +438,161 @@ def test_report_shows_the_thresholds_refine_worst_would_choose(tmp_path):
     text = section(write_report(out).read_text(), "histograms")
     ps = [r[1] for r in ROWS if r[1] is not None]
     assert 'id="quantiles"' in text and f"<td class=num>{threshold_at(np.array(ps), 0.15):.4f}</td>" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile strings, item counts, error rows, threshold labels, workers (issues 15 and 16)
+
+CONTROLS = "\x00\x1b\x07\x7f\x85\x9b\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+RAW_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")  # newline aside
+
+
+def test_control_and_bidi_characters_never_reach_the_page(tmp_path):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    names = [f"a{CONTROLS}.jpg", "b\u202egpj.exe.jpg", "c.jpg"]
+    (src / names[1]).write_bytes(_jpeg(1))  # the first name holds a NUL: no file system takes it
+    out = tmp_path / "out"
+    (out / "scores").mkdir(parents=True)
+    pq.write_table(pa.table({
+        C.ID: [f"id{CONTROLS}", "id\u202eb", "id\x00c"], C.SOURCE: names,
+        C.PROMPT: [f"a cat{CONTROLS} on a sofa", "a dog\x1b[31m red", None],
+        C.STATUS: ["ok", "ok", "error"],
+        C.ERROR: pa.array([None, None, f"c.jpg: not a readable image (\x00\x1b\u202e{CONTROLS})"], pa.string()),
+        C.ROUTE: ["full", "light", None],
+        C.PQ_SCORE: pa.array([0.2, 0.5, None], pa.float32()), C.AQ_SCORE: pa.array([0.3, 0.6, None], pa.float32()),
+        C.PQ_SCORE_AFTER: pa.array([0.4, 0.6, None], pa.float32()),
+        C.AQ_SCORE_AFTER: pa.array([0.5, 0.7, None], pa.float32()),
+        C.UNMATCHED: pa.array([[f"red{CONTROLS}sofa"], ["dog\u202e"], None], pa.list_(pa.string())),
+    }), out / "scores" / "imgs-00000.parquet")
+    _manifest(out, "refine", [{"shard": "scores/imgs-00000.parquet", "input": str(src), "rows": 3}])
+    text = write_report(out).read_text(encoding="utf-8")
+    assert RAW_CONTROL.findall(text) == []
+    # made visible, not silently dropped: NUL and ESC as control pictures, the overrides as U+FFFD
+    assert "id\u2400\u241b\u2407\u2421\ufffd" in text and "a dog\u241b[31m red" in text
+    assert "b\ufffdgpj.exe.jpg" in text and "red\u2400" in text
+
+
+def _items_of(text: str) -> list[dict[str, str]]:
+    """The data-* attributes of every tr.item on the page."""
+    from html.parser import HTMLParser
+
+    rows: list[dict[str, str]] = []
+
+    class P(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "tr" and "item" in (a.get("class") or "").split():
+                rows.append({k[5:]: v or "" for k, v in a.items() if k.startswith("data-")})
+
+    P().feed(text)
+    return rows
+
+
+FILTER_STUB = r"""
+const rows = JSON.parse(process.argv[1]), script = process.argv[2], inputs = JSON.parse(process.argv[3]);
+const els = {}, listeners = {};
+for (const id of ["f-text", "f-pmin", "f-pmax", "f-amin", "f-amax", "f-route"])
+  els[id] = {value: inputs[id] || "", addEventListener: () => {}};
+els["f-count"] = {textContent: ""};
+const trs = rows.map(d => ({dataset: d, style: {display: ""}}));
+globalThis.document = {
+  getElementById: id => els[id],
+  querySelectorAll: sel => trs,
+  addEventListener: (ev, f) => { listeners[ev] = f; },
+};
+eval(script);
+listeners["DOMContentLoaded"]();
+console.log(els["f-count"].textContent);
+"""
+
+
+@pytest.mark.parametrize("inputs,expected", [({}, "8 of 8 items shown"), ({"f-text": "red sofa"}, "3 of 8 items shown"),
+                                             ({"f-route": "full"}, "2 of 8 items shown")])
+def test_filter_counts_items_not_rows(tmp_path, inputs, expected):
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("no node binary to run the filter script")
+    _, out = make_job_output(tmp_path)
+    text = write_report(out).read_text()
+    rows = _items_of(text)
+    assert len(rows) > 8  # the same items appear in the galleries, the route pages and the table
+    assert len({r["key"] for r in rows}) == 8  # 7 scored items and 1 error row
+    script = text[text.index("<script>") + len("<script>"):text.index("</script>")]
+    done = subprocess.run([node, "-e", FILTER_STUB, json.dumps(rows), script, json.dumps(inputs)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == expected
+
+
+def test_error_rows_are_in_the_items_table_with_their_file(tmp_path):
+    inp, out = make_job_output(tmp_path)
+    items = section(write_report(out).read_text(), "items")
+    assert items.count('<tr class="item error"') == 1
+    err = items[items.index('<tr class="item error"'):]
+    assert "cannot decode image (UnidentifiedImageError)" in err
+    assert f"input: {inp} row 5" in err
+    assert "then the error row (1)" in items
+
+
+def test_error_rows_of_a_folder_name_the_image_file(tmp_path):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    out = tmp_path / "out"
+    (out / "scores").mkdir(parents=True)
+    pq.write_table(pa.table({
+        C.ID: ["ok.jpg", "sub/broken.jpg"], C.SOURCE: ["ok.jpg", "sub/broken.jpg"], C.PROMPT: ["a cat", "a dog"],
+        C.STATUS: ["ok", "error"], C.ERROR: [None, "sub/broken.jpg: not a readable image (looks like text)"],
+        C.ROUTE: ["skip", None], C.PQ_SCORE: pa.array([0.9, None], pa.float32()),
+        C.AQ_SCORE: pa.array([0.9, None], pa.float32()), C.UNMATCHED: pa.array([[], None], pa.list_(pa.string())),
+    }), out / "scores" / "imgs-00000.parquet")
+    _manifest(out, "refine", [{"shard": "scores/imgs-00000.parquet", "input": str(src), "rows": 2}])
+    items = section(write_report(out).read_text(), "items")
+    err = items[items.index('<tr class="item error"'):]
+    assert f"input: {src}/sub/broken.jpg" in err and "looks like text" in err
+
+
+def _label_boxes(svg: str) -> tuple[list[float], list[tuple[float, float, float]]]:
+    """Threshold line x positions and label boxes (left, right, baseline y), widths estimated."""
+    char_w = 6.2  # px per character of 10px system-ui text, an upper estimate
+    lines = [float(m) for m in re.findall(r'<line class="thr" x1="([\d.]+)"', svg)]
+    boxes = []
+    for x, y, anchor, label in re.findall(r'<text class="thl" x="([\d.]+)" y="([\d.]+)"(?: text-anchor="(\w+)")?>([^<]*)<',
+                                          svg):
+        w = char_w * len(label)
+        left = float(x) if anchor == "start" else float(x) - w
+        boxes.append((left, left + w, float(y)))
+    return lines, boxes
+
+
+@pytest.mark.parametrize("skip_p,light_p,clear", [(0.75, 0.4, True), (0.42, 0.40, True), (0.5, 0.5, False),
+                                                  (0.0, 0.0, False), (0.99, 0.97, False), (1.0, 0.02, True)])
+def test_threshold_labels_do_not_overlap(skip_p, light_p, clear):
+    from grefine_curate.pipelines.report import _histogram_svg
+
+    svg = _histogram_svg("p", [0.1, 0.5, 0.9], None, [("skip_p", skip_p), ("light_p", light_p)], "hist-p")
+    lines, boxes = _label_boxes(svg)
+    assert len(boxes) == 2
+    (l0, r0, y0), (l1, r1, y1) = boxes
+    assert y0 != y1 or r0 <= l1 or r1 <= l0  # two labels never share a box
+    assert abs(y0 - y1) >= 12 or y0 == y1  # rows far enough apart for 10px text
+    for left, right, _ in boxes:
+        assert 40 <= left and right <= 460 - 12  # inside the plot
+    if clear:  # room for each label on a side away from the other line: no line crosses a label
+        for (left, right, _), own in zip(boxes, lines):
+            assert not any(left < x < right for x in lines if x != own)
+
+
+@pytest.mark.parametrize("run,expected", [
+    ({"workers": 1, "units_run": 0, "rows": 0}, "no worker ran: nothing was left to do"),
+    ({"workers": 2, "units_run": 5, "rows": 40}, "2 workers ran"),
+    ({"workers": 4, "units_run": 1, "rows": 8}, "1 worker ran"),
+    ({"workers": 1, "rows": 8}, "1 worker ran"),
+])
+def test_summary_says_how_many_workers_ran(tmp_path, run, expected):
+    _, out = make_job_output(tmp_path)
+    man = json.loads((out / "__grefine__" / "manifest.json").read_text())
+    man["run"] = {"wall_s": 1.0, "items_per_s": 8.0, "executor": "ray", **run}
+    (out / "__grefine__" / "manifest.json").write_text(json.dumps(man))
+    summary = section(write_report(out).read_text(), "summary")
+    assert f"(ray, {expected})" in summary and "worker(s)" not in summary

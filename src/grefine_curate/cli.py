@@ -292,7 +292,7 @@ def refine(
     preset: PresetOpt = "sdxl",
     config: ConfigOpt = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed (default: derived from the preset seed and the file name).")] = None,
-    save_mask: Annotated[Optional[Path], typer.Option("--save-mask", help="Write the stage-1 mask as a black and white image (.png, .jpg or .webp).")] = None,
+    save_mask: Annotated[Optional[Path], typer.Option("--save-mask", help="Write the low-quality mask (what stage 1 inpaints on route full) as a black and white image (.png, .jpg or .webp).")] = None,
     models_dir: ModelsDirOpt = None,
     random_weights: RandomOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No notes on stderr (errors are still printed).")] = False,
@@ -325,16 +325,19 @@ def refine(
     # On skip the image is the input, so its scores after are the input's (as in the job's output).
     p_after = outcome.p_after if outcome.p_after is not None else res.pq.p
     a_after = outcome.a_after if outcome.a_after is not None else item.a
+    # The refiner's mask_area is the low-quality mask's own area on every route; the stage-1 mask is
+    # what stage 1 inpainted, so it is empty unless stage 1 ran (route full, or full then reverted).
+    stage1_area = outcome.mask_area if outcome.steps_run.get("stage1", 0) > 0 else 0.0
     report = {
         "image": str(image), "out": str(out), "route": outcome.route, "seed": item.seed,
         "p": res.pq.p, "a": item.a, "p_after": p_after, "a_after": a_after,
-        "mask_area": outcome.mask_area, "steps_run": outcome.steps_run,
+        "mask_area": stage1_area, "lq_mask_area": outcome.mask_area, "steps_run": outcome.steps_run,
         "unmatched_phrases": res.aq.unmatched if res.aq else [], "refinement_prompt": item.prompt,
     }
     if as_json:
         _print_json(report)
         return
-    typer.echo(f"{image} -> {out}: route {outcome.route}, mask area {outcome.mask_area:.1%}")
+    typer.echo(f"{image} -> {out}: route {outcome.route}, stage-1 mask area {stage1_area:.1%}")
     typer.echo(f"  p {res.pq.p:.4f} -> {p_after:.4f}")
     if item.a is not None:
         typer.echo(f"  a {item.a:.4f} -> {a_after:.4f}")

@@ -27,6 +27,7 @@ import io
 import json
 import math
 import posixpath
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,8 +170,29 @@ def _overlay(base: Image.Image | None, map_png: bytes, invert: bool) -> Image.Im
 # HTML pieces
 
 
-def _e(v: Any) -> str:
-    return html.escape("" if v is None else str(v), quote=True)
+# C0 and C1 controls, DEL, and the bidi embeddings/overrides/isolates (U+202A-U+202E, U+2066-U+2069): a
+# NUL, an ESC or a right-to-left override in a prompt, id, file name or error must not reach the page raw.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _visible(ch: str) -> str:
+    """A control character as a visible stand-in: its Unicode control picture (C0, DEL), else U+FFFD."""
+    code = ord(ch)
+    if code < 0x20:
+        return chr(0x2400 + code)  # NUL -> U+2400, ESC -> U+241B, ...
+    return "\u2421" if code == 0x7F else "\ufffd"
+
+
+def _clean(text: str, keep_newlines: bool = False) -> str:
+    """The text with every control and bidi-override character replaced by a visible stand-in."""
+    if keep_newlines:
+        return "\n".join(_CONTROL.sub(lambda m: _visible(m.group()), line) for line in text.split("\n"))
+    return _CONTROL.sub(lambda m: _visible(m.group()), text)
+
+
+def _e(v: Any, keep_newlines: bool = False) -> str:
+    """Text for the page: control characters made visible, then HTML-escaped."""
+    return html.escape(_clean("" if v is None else str(v), keep_newlines), quote=True)
 
 
 def _f(v: float | None, digits: int = 3) -> str:
@@ -207,9 +229,10 @@ def _histogram_svg(title: str, before: list[float], after: list[float] | None,
         parts.append(f'<polyline class="after" points="{" ".join(pts)}"/>')
     for t in (0.0, 0.25, 0.5, 0.75, 1.0):
         parts.append(f'<text x="{x(t):.1f}" y="{mt + ph + 14}" class="xl">{t:g}</text>')
-    for k, (name, v) in enumerate(thresholds):
+    for (name, v), (tx, anchor, row) in zip(thresholds, _label_layout(thresholds, ml, pw)):
         parts.append(f'<line class="thr" x1="{x(v):.1f}" y1="{mt}" x2="{x(v):.1f}" y2="{mt + ph}" data-threshold="{_e(name)}"/>'
-                     f'<text class="thl" x="{x(v) + 3:.1f}" y="{mt + 10 + 11 * k}">{_e(name)} {v:g}</text>')
+                     f'<text class="thl" x="{tx:.1f}" y="{mt + 10 + LABEL_ROW * row}" text-anchor="{anchor}">'
+                     f'{_e(name)} {v:g}</text>')
     legend_y = h - 4
     parts.append(f'<rect x="{ml}" y="{legend_y - 9}" width="10" height="10" class="before"/>'
                  f'<text x="{ml + 14}" y="{legend_y}" class="lg">before (n={len(before)})</text>')
@@ -218,6 +241,39 @@ def _histogram_svg(title: str, before: list[float], after: list[float] | None,
                      f'<text x="{ml + 168}" y="{legend_y}" class="lg">after (n={len(after)})</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+LABEL_CHAR_W = 6.2  # px per character of a 10px threshold label (an upper estimate for system-ui)
+LABEL_ROW = 13  # px between label rows
+
+
+def _label_layout(thresholds: list[tuple[str, float]], ml: float, pw: float) -> list[tuple[float, str, int]]:
+    """(x, text-anchor, row) per threshold label: beside its own line, inside the plot, clear of the other
+    labels and of the other thresholds' lines where the plot allows it (two labels never share a box)."""
+    xs = [ml + pw * min(max(float(v), 0.0), 1.0) for _, v in thresholds]
+    widths = [LABEL_CHAR_W * len(f"{name} {v:g}") for name, v in thresholds]
+    placed: list[tuple[float, float, int]] = []  # (left, right, row)
+    out: list[tuple[float, str, int] | None] = [None] * len(thresholds)
+    for i in sorted(range(len(thresholds)), key=lambda k: xs[k]):
+        options = []
+        for anchor in ("start", "end"):
+            left = xs[i] + 3 if anchor == "start" else xs[i] - 3 - widths[i]
+            right = left + widths[i]
+            if left < ml or right > ml + pw:
+                continue
+            crossed = sum(1 for k, xk in enumerate(xs) if k != i and left - 1 <= xk <= right + 1)
+            options.append((crossed, anchor != "start", left, right, anchor))
+        if not options:  # wider than the room on either side: the side with more room
+            anchor = "start" if (ml + pw - xs[i]) >= (xs[i] - ml) else "end"
+            left = xs[i] + 3 if anchor == "start" else xs[i] - 3 - widths[i]
+            options = [(0, False, left, left + widths[i], anchor)]
+        crossed, _, left, right, anchor = min(options)
+        row = 0
+        while any(r == row and left < pr + 2 and pl - 2 < right for pl, pr, r in placed):
+            row += 1
+        placed.append((left, right, row))
+        out[i] = (xs[i] + 3 if anchor == "start" else xs[i] - 3, anchor, row)
+    return out  # type: ignore[return-value]
 
 
 def _img_cell(img: Image.Image | None, role: str, missing: str) -> str:
@@ -254,7 +310,7 @@ form.filter{display:flex;flex-wrap:wrap;gap:10px;align-items:center}form.filter 
 #tab-light:checked+label{background:#1d2b3a;color:#fff}#tab-light:checked~#route-light{display:block}
 #tab-full:checked+label{background:#1d2b3a;color:#fff}#tab-full:checked~#route-full{display:block}
 #tab-reverted:checked+label{background:#1d2b3a;color:#fff}#tab-reverted:checked~#route-reverted{display:block}
-table.items td{font-size:12px}.loc{word-break:break-all}
+table.items td{font-size:12px}.loc{word-break:break-all}table.items td.err{color:#b3261e}
 .note{color:#6b7785;font-size:12px}pre{background:#f6f7f9;padding:8px;overflow:auto;max-height:480px;font-size:12px}
 """
 
@@ -315,13 +371,24 @@ def _summary(manifest: dict, root: str, rows: list[Row], shards: list[ShardInfo]
         ("state", f"{manifest.get('state', '-')} (exit code {manifest.get('exit_code', '-')})"),
         ("rows", f"{len(rows)} in {len(shards)} output shard(s)"),
         ("throughput", f"{run.get('items_per_s', '-')} img/s over {run.get('wall_s', '-')} s "
-                       f"({run.get('executor', '-')}, {run.get('workers', '-')} worker(s))" if run else "-"),
+                       f"({run.get('executor', '-')}, {_workers_ran(run)})" if run else "-"),
         ("routing thresholds", _thresholds_line(manifest)),
         ("config hash", manifest.get("config_hash")),
         ("updated", manifest.get("updated_at")),
     ]
     trs = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v if v not in (None, '') else '-')}</td></tr>" for k, v in items)
     return f'<section id="summary"><h2>Summary</h2><table class="kv">{trs}</table></section>'
+
+
+def _workers_ran(run: dict) -> str:
+    """How many workers processed units in the last run (manifest run.workers, at most one per unit run)."""
+    workers, units, rows = run.get("workers"), run.get("units_run"), run.get("rows")
+    if units == 0 or (units is None and rows == 0):
+        return "no worker ran: nothing was left to do"
+    if not isinstance(workers, int):
+        return "workers not recorded"
+    n = min(workers, units) if isinstance(units, int) else workers
+    return f"{n} worker{'s' if n != 1 else ''} ran"
 
 
 def _thresholds_line(manifest: dict) -> str:
@@ -539,13 +606,14 @@ def _gallery(fs: pafs.FileSystem, root: str, chosen: list[Row], shards: list[Sha
 
 def _filter_attrs(r: Row) -> str:
     """What the filter script reads from an item row."""
-    return (f'data-item="{_e(r.item_id)}" data-p="{"" if r.p is None else r.p}" data-a="{"" if r.a is None else r.a}" '
-            f'data-route="{_e(r.route or "")}" data-phrases="{_e(chr(31).join(r.unmatched))}" '
+    return (f'data-key="{_e(r.shard)}#{r.index}" data-item="{_e(r.item_id)}" data-p="{"" if r.p is None else r.p}" data-a="{"" if r.a is None else r.a}" '
+            f'data-route="{_e(r.route or "")}" data-phrases="{_e(json.dumps([_clean(ph) for ph in r.unmatched]))}" '
             f'data-text="{_e(((r.prompt or "") + " " + " ".join(r.unmatched)).lower())}"')
 
 
 def _all_items(rows: list[Row], mode: str, manifest: dict, n_table: int) -> str:
-    """A text-only table of items (worst first, up to n_table) that the filter also searches."""
+    """A text-only table of items (worst first, up to n_table; then the error rows with their input file)
+    that the filter also searches."""
     ranked = _ranked(rows)
     shown = ranked[:n_table]
     trs = ['<tr><th>item</th><th>p</th><th>a</th>' + ('<th>p after</th><th>a after</th>' if mode == "refine" else "")
@@ -556,10 +624,35 @@ def _all_items(rows: list[Row], mode: str, manifest: dict, n_table: int) -> str:
                    + (f'<td class="num">{_f(r.p_after)}</td><td class="num">{_f(r.a_after)}</td>' if mode == "refine" else "")
                    + f'<td>{_e(r.route or "-")}</td><td>{_e(", ".join(r.unmatched))}</td>'
                    f'<td class="note">{_e(_location(r, mode, manifest))}</td></tr>')
+    # Error rows after the scored ones: no scores, the error in place of the phrases, and the input file
+    errors = [r for r in rows if r.status != C.STATUS_OK][:n_table]
+    n_errors = sum(1 for r in rows if r.status != C.STATUS_OK)
+    blank = '<td class="num">-</td>' * (4 if mode == "refine" else 2)
+    for r in errors:
+        trs.append(f'<tr class="item error" {_filter_attrs(r)}><td>{_e(r.item_id)}</td>{blank}'
+                   f'<td class="err">error</td><td class="err">{_e(_error_text(r.error))}</td>'
+                   f'<td class="note">input: {_e(_input_file(r, manifest))}; row: {_e(_location(r, mode, manifest))}</td></tr>')
     note = (f"all {len(ranked)} scored items" if len(shown) == len(ranked) else
             f"the {len(shown)} worst of {len(ranked)} scored items (report --table-rows N for more)")
+    if n_errors:
+        note += (f", then the error row{'s' if n_errors != 1 else ''} ({n_errors})" if len(errors) == n_errors else
+                 f", then {len(errors)} of the {n_errors} error rows")
     return (f'<section id="items"><h2>Items</h2><p class="note">{note}, worst first; the filter above applies.</p>'
             f'<table class="items">{"".join(trs)}</table></section>')
+
+
+def _error_text(message: str | None) -> str:
+    text = message or "unknown error"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _input_file(r: Row, manifest: dict) -> str:
+    """The input an item came from: its file in an input folder, else its row in the input shard."""
+    entry = next((e for e in manifest.get("inputs") or [] if e.get("shard") == r.shard), {})
+    where = entry.get("input")
+    if r.source:
+        return join(where, r.source) if where else r.source
+    return f"{where} row {r.index}" if where else f"{r.shard} row {r.index} (input not recorded)"
 
 
 FILTER_HTML = """<section id="filter"><h2>Filter</h2><form class="filter" onsubmit="return false">
@@ -580,7 +673,7 @@ An item without a prompt has no a: a range on a hides it.</p></section>
     const text = document.getElementById("f-text").value.trim().toLowerCase();
     const route = document.getElementById("f-route").value;
     const pmin = num("f-pmin"), pmax = num("f-pmax"), amin = num("f-amin"), amax = num("f-amax");
-    let shown = 0, total = 0;
+    const all = new Set(), shown = new Set();  // an item has a row in several tables: count it once
     document.querySelectorAll("tr.item").forEach(tr => {
       const d = tr.dataset, p = d.p === "" ? null : Number(d.p), a = d.a === "" ? null : Number(d.a);
       let ok = (!text || d.text.includes(text)) && (!route || d.route === route);
@@ -589,9 +682,9 @@ An item without a prompt has no a: a range on a hides it.</p></section>
       if (amin !== null) ok = ok && a !== null && a >= amin;
       if (amax !== null) ok = ok && a !== null && a <= amax;
       tr.style.display = ok ? "" : "none";
-      total += 1; shown += ok ? 1 : 0;
+      all.add(d.key); if (ok) shown.add(d.key);
     });
-    document.getElementById("f-count").textContent = shown + " of " + total + " item rows shown";
+    document.getElementById("f-count").textContent = shown.size + " of " + all.size + " items shown";
   }
   ids.forEach(id => document.getElementById(id).addEventListener("input", apply));
   document.addEventListener("DOMContentLoaded", apply);  // the item tables come after this script
@@ -693,4 +786,4 @@ def _config(manifest: dict) -> str:
     return (f'<section id="config"><h2>Models and config</h2><table class="kv" id="models">{trs}</table>'
             f'<p class="note">packages: {_e(pk_line) or "-"}</p>'
             f'<details open><summary>resolved config (hash {_e(manifest.get("config_hash"))})</summary>'
-            f"<pre>{_e(json.dumps(rc, indent=2, sort_keys=True, default=str))}</pre></details></section>")
+            f"<pre>{_e(json.dumps(rc, indent=2, sort_keys=True, default=str), keep_newlines=True)}</pre></details></section>")
