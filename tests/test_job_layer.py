@@ -151,11 +151,11 @@ def test_two_images_of_one_folder_with_one_output_name_are_refused_naming_both(t
     assert not (tmp_path / "out").exists()
 
 
-def test_out_as_an_s3_uri_is_never_a_local_folder(tmp_path, monkeypatch):
+def test_out_as_an_s3_uri_is_never_a_local_folder(tmp_path, monkeypatch, capsys):
     """`--out s3://bucket/x` was a typer Path: folded to ./s3:/bucket/x on the local disk, exit 0."""
-    from typer.testing import CliRunner
+    import sys
 
-    from grefine_curate.cli import app
+    from grefine_curate.cli import main
 
     monkeypatch.chdir(tmp_path)
     write_shard(str(tmp_path / "in" / "a.parquet"), 2)
@@ -163,9 +163,12 @@ def test_out_as_an_s3_uri_is_never_a_local_folder(tmp_path, monkeypatch):
     for k, v in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1",
                  "AWS_EC2_METADATA_DISABLED": "true"}.items():
         monkeypatch.setenv(k, v)
-    r = CliRunner().invoke(app, ["score", str(tmp_path / "in"), "--out", "s3://bkt/x", "--preset", "tiny",
-                                 "--executor", "local", "-q"])
+    monkeypatch.setattr(sys, "argv", ["grefine-curate", "score", str(tmp_path / "in"), "--out", "s3://bkt/x",
+                                      "--preset", "tiny", "--executor", "local", "-q"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
     assert not (tmp_path / "s3:").exists()
-    assert r.exit_code == 2, r.output
-    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "s3://bkt/x" in lines[0] and "http://127.0.0.1:9" in lines[0], r.output
+    assert e.value.code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "s3://bkt/x" in lines[0] and "http://127.0.0.1:9" in lines[0], err
