@@ -46,7 +46,7 @@ def config_error(tmp_path, toml: str, name: str = "c.toml") -> str:
     ("[pq]\nalphas = [0.9, 0.5, nan]\n", "[pq] alphas must be a list of finite numbers"),
     ('[pq]\nzero_shot = {sharpness = ["a", "b"]}\n', "[pq] zero_shot has an unknown factor 'sharpness'"),
     ("[pq]\ncask = 1\n", "[pq] cask must be true or false, got 1"),
-    ('[clip]\ndtype = "fp16"\n', "[clip] dtype must be one of auto, float32, float16, bfloat16"),
+    ('[clip]\ndtype = "half"\n', "[clip] dtype must be one of auto, float32, float16, bfloat16"),
     ("[clip]\nimage_size = 224.0\n", "[clip] image_size must be an integer"),
     ("refiner = 3\n", "[refiner] must be a table, got 3"),
     ("[refiner]\nsteps = {a = 1}\n", "[refiner] steps must be an integer in [1, 1000], got a table"),

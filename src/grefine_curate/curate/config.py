@@ -207,18 +207,18 @@ _NESTED: dict[tuple[type, str], type] = {
 # ranges and choices are below. Choices repeat the modules' lists (config is imported by them).
 
 _CHOICES: dict[tuple[type, str], tuple[str, ...]] = {
-    (ClipConfig, "dtype"): ("auto", "float32", "float16", "bfloat16"),
+    (ClipConfig, "dtype"): ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"),
     (PQConfig, "alpha_mode"): ("per-factor", "first-alpha"),
     (PQConfig, "feature_norm"): ("channel", "token"),
     (PQConfig, "text_norm"): ("l2", "raw"),
     (PQConfig, "map_source"): ("cask", "overall-similarity"),
-    (PQConfig, "map_resize"): ("bicubic", "bilinear"),
+    (PQConfig, "map_resize"): ("bicubic", "bilinear", "nearest", "area"),
     (PQConfig, "map_orientation"): ("hw", "reference-swap"),
     (AQConfig, "combine"): ("max", "product"),
     (AQConfig, "feature_norm"): ("channel", "token"),
     (MaskConfig, "mode"): ("paper", "reference-union"),
     (RefinerConfig, "kind"): ("sdxl", "sd15", "tiny"),
-    (RefinerConfig, "dtype"): ("auto", "float32", "float16", "bfloat16"),
+    (RefinerConfig, "dtype"): ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"),
 }
 TEMPLATE_NAMES = ("imagenet", "single")  # aq.templates, or a list of templates that each contain "{}"
 
