@@ -291,7 +291,8 @@ def _is_number(v: Any) -> bool:
 
 
 def check_value(cls: type, key: str, value: Any, where: str, table: str = "") -> None:
-    """ConfigError, one line naming ``where`` (the file), the table and the key, when ``value`` cannot be ``cls.key``."""
+    """ConfigError, one line naming ``where`` (the file), the table and the key, when ``value`` cannot be
+    ``cls.key``."""
     name = f"[{table}] {key}" if table else key
 
     def bad(expected: str) -> ConfigError:
@@ -395,7 +396,8 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{what} {p} is not valid TOML: {e}") from e
     except RecursionError:  # tomllib recurses on nested arrays and inline tables
-        raise ConfigError(f"{what} {p}: values nested too deeply to read; a preset is at most three tables deep") from None
+        raise ConfigError(f"{what} {p}: values nested too deeply to read; a preset is at most three tables "
+                          "deep") from None
     except OSError as e:
         raise ConfigError(f"{what} {p} cannot be read: {e.strerror or e}") from e
     return data

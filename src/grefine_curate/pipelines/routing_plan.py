@@ -128,7 +128,8 @@ def plan_routing(cfg: Any, preset: Preset, shards: list[Shard], caps: list[int |
     check_routing(routing)
     if q is not None:
         t = info["thresholds"]
-        _say(cfg, f"{'pass 2 of 2: ' if cfg.scores is None else ''}routing with thresholds from {budget.n} scored items: "
+        step = "pass 2 of 2: " if cfg.scores is None else ""
+        _say(cfg, f"{step}routing with thresholds from {budget.n} scored items: "
                   f"full when p < {t['light_p']:.4f} or a < {t['light_a']:.4f}; skip when p >= {t['skip_p']:.4f} "
                   f"and a >= {t['skip_a']:.4f}; {realised_line(budget.realised())}")
     return RoutingPlan(routing=routing, audit=audit, info=info), None
