@@ -93,3 +93,16 @@ def test_empty_and_bad_inputs():
         budget_routing(np.zeros(3), np.zeros(0), QuantileRouting(0.7, 0.4))
     with pytest.raises(ValueError, match="pair with p"):
         budget_routing(np.zeros(3), np.zeros(2), QuantileRouting(0.1, 0.0))
+
+
+def test_thresholds_lie_between_scores_so_float32_copies_route_alike():
+    """A score run routes its fresh float64 scores with thresholds from the float32 scores it stored."""
+    exact = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])  # no float32 holds these exactly
+    stored = exact.astype(np.float32).astype(np.float64)
+    a_exact = exact[::-1].copy()
+    a_stored = a_exact.astype(np.float32).astype(np.float64)
+    for f, g in [(0.0, 0.0), (0.2, 0.3), (0.1, 0.0), (0.5, 0.5)]:
+        b = budget_routing(stored, a_stored, QuantileRouting(f, g))
+        assert routes(exact, a_exact, b.routing) == routes(stored, a_stored, b.routing), (f, g)
+    b = budget_routing(stored, a_stored, QuantileRouting(0.0, 0.0))
+    assert (b.routing.light_p, b.routing.light_a) == (0.0, 0.0)  # nothing taken: nothing is below 0

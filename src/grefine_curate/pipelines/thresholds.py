@@ -17,9 +17,10 @@ The routes stay the usual rule of ``curate/routing.py`` (the thresholds are what
 and what the job routes with): taking p's items below percentile t and a's items below percentile
 t' is exactly ``full when p < light_p or a < light_a`` with light_p = the lowest p left out and
 light_a = the lowest a left out; the same walk, continued by floor(G x n) items, gives skip_p and
-skip_a. A threshold is a score of the data set and the items strictly below it are the ones taken,
-so F = 0 puts the threshold at the lowest score (nothing below it, nothing refined). A score of
-exactly 1.0 cannot lie below a threshold in [0, 1]: such a group is never taken by that score.
+skip_a. The items strictly below a threshold are the ones taken; a threshold lies halfway between
+the last score taken and the next one (so a score and its float32 copy route alike), F = 0 puts it
+at 0.0 (nothing below it, nothing refined). A score of exactly 1.0 cannot lie below a threshold in
+[0, 1]: such a group is never taken by that score.
 ``realised`` (in ``describe``) gives the counts and fractions that came out.
 """
 
@@ -98,12 +99,18 @@ class _Score:
         self.takeable = len(self.values) - int(len(self.values) > 0 and self.values[-1] >= 1.0)
 
     def threshold(self, taken: int) -> float:
-        """The threshold with the ``taken`` lowest groups strictly below it (0.0 when there are no values)."""
-        if len(self.values) == 0:
+        """A threshold with the ``taken`` lowest groups strictly below it and the others at or above it.
+
+        It lies halfway between the last group taken and the next (0.0 when none is taken, halfway to
+        1.0 when all are), not on a score: a score read back from float32 storage and the same score
+        before rounding fall on the same side of it.
+        """
+        if taken == 0 or len(self.values) == 0:
             return 0.0
-        if taken < len(self.values):
-            return float(self.values[taken])
-        return float(min(1.0, np.nextafter(self.values[-1], np.inf)))
+        below = float(self.values[taken - 1])
+        above = float(self.values[taken]) if taken < len(self.values) else 1.0
+        mid = below + (above - below) / 2
+        return mid if below < mid else above
 
 
 def budget_routing(p: np.ndarray, a: np.ndarray, q: QuantileRouting) -> BudgetRouting:
