@@ -64,14 +64,15 @@ def test_threshold_at_puts_the_worst_fraction_strictly_below():
     assert threshold_at(np.array([]), 0.3) == 0.0
 
 
-def test_quantile_routing_by_p_and_by_a_and_without_prompts():
+def test_quantile_routing_is_one_budget_over_p_and_a_and_without_prompts():
     p = np.linspace(0.0, 0.99, 100)
-    a = np.linspace(0.99, 0.0, 100)
+    a = np.linspace(0.99, 0.0, 100)  # the worst by p are the best by a: two disjoint worst sets
     r = quantile_routing(p, a, QuantileRouting(0.1, 0.2))
-    assert (p < r.light_p).sum() == 10 and (p < r.skip_p).sum() == 30
-    assert (a < r.light_a).sum() == 10 and (a < r.skip_a).sum() == 30
+    full = (p < r.light_p) | (a < r.light_a)
+    assert full.sum() == 10 and (p < r.light_p).sum() == 5 and (a < r.light_a).sum() == 5  # 10 in all, not 10 + 10
+    assert ((p < r.skip_p) | (a < r.skip_a)).sum() == 30
     r = quantile_routing(p, np.array([]), QuantileRouting(0.1, 0.0))
-    assert r.light_a == r.skip_a == 0.0 and r.light_p == r.skip_p
+    assert r.light_a == r.skip_a == 0.0 and r.light_p == r.skip_p and (p < r.light_p).sum() == 10
     with pytest.raises(ConfigError, match="at most 1"):
         quantile_routing(p, a, QuantileRouting(0.7, 0.4))
     with pytest.raises(ConfigError, match="--refine-worst must be a fraction"):
@@ -94,10 +95,48 @@ def test_score_mode_writes_the_planned_route(tmp_path, fake_engine):
     assert m["counts"]["routes"] == s.routes
 
 
-def test_score_mode_refuses_refine_options(tmp_path):
-    write_dataset(str(tmp_path / "in"), shards=1, rows=2)
-    with pytest.raises(ConfigError, match="--refine-worst"):
-        run_job(job(tmp_path, "o", mode="score", refine_worst=0.1))
+def test_score_with_a_budget_plans_routes_with_its_thresholds(tmp_path, fake_engine):
+    """`score --refine-worst F --light-next G`: the planned routes are the budget's (issue 16)."""
+    write_dataset(str(tmp_path / "in"), shards=2, rows=10)
+    s = ok(run_job(job(tmp_path, "o", mode="score", refine_worst=0.2, light_next=0.3)))
+    man = manifest(tmp_path, "o")
+    assert man["routing"]["planned"] is True and man["routing"]["source"] == "quantiles"
+    t = RoutingConfig(**{k: man["routing"]["thresholds"][k] for k in ("skip_p", "skip_a", "light_p", "light_a")})
+    out = rows(tmp_path, "o")
+    assert out[C.ROUTE] == [choose_route(p, a, t) for p, a in zip(out[C.PQ_SCORE], out[C.AQ_SCORE])]
+    real = man["routing"]["realised"]
+    assert out[C.ROUTE].count("full") == real["full"] <= 4 and out[C.ROUTE].count("light") == real["light"] <= 6
+    assert any("budget" in n for n in s.notes)
+    with pytest.raises(ConfigError, match="--scores in a score run"):
+        run_job(job(tmp_path, "x", mode="score", scores=str(tmp_path / "o")))
+
+
+def test_a_score_run_with_a_budget_plans_with_its_thresholds(tmp_path, fake_engine):
+    """plans_routing says a score run with a budget plans, plan_routing scores into OUT/__grefine__/audit
+    (outputs named *.scores) and gives the budget's thresholds."""
+    from grefine_curate.curate.config import resolve_preset
+    from grefine_curate.pipelines.routing_plan import check_plan_options, plan_routing, plans_routing
+    from grefine_curate.pipelines.sources import ColumnSpec, discover
+
+    write_dataset(str(tmp_path / "in"), shards=2, rows=10)
+    cfg = job(tmp_path, "plan", mode="score", refine_worst=0.2, light_next=0.3)
+    assert plans_routing(cfg) and not plans_routing(job(tmp_path, "x", mode="score"))
+    assert plans_routing(job(tmp_path, "x", scores="A")) and not plans_routing(job(tmp_path, "x"))
+    check_plan_options(cfg)
+    with pytest.raises(ConfigError, match="--scores in a score run"):
+        check_plan_options(job(tmp_path, "x", mode="score", scores="A"))
+    with pytest.raises(ConfigError, match="--light-next must be a fraction"):
+        check_plan_options(job(tmp_path, "x", mode="score", light_next=2.0))
+    shards = discover(cfg.inputs, ColumnSpec(), out=cfg.out)
+    plan, stopped = plan_routing(cfg, resolve_preset("tiny"), shards, [None] * len(shards), run=run_job)
+    assert stopped is None and plan.info["source"] == "quantiles"
+    import glob
+
+    audit = pq.ParquetDataset(sorted(glob.glob(str(tmp_path / "plan/__grefine__/audit/**/*.scores"), recursive=True))).read().to_pydict()
+    planned = [choose_route(p, a, plan.routing) for p, a in zip(audit[C.PQ_SCORE], audit[C.AQ_SCORE])]
+    real = plan.info["realised"]
+    assert planned.count("full") == real["full"] <= 4 and planned.count("light") == real["light"] <= 6
+    assert set(plan.info) >= {"source", "thresholds", "refine_worst", "light_next", "realised"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,16 +235,19 @@ def test_refine_worst_scores_first_then_routes_by_the_data_and_resumes(tmp_path,
     m = manifest(tmp_path, "out")
     t = m["routing"]["thresholds"]
     assert m["routing"]["source"] == "quantiles" and m["routing"]["refine_worst"] == 0.2
-    expect = quantile_routing(np.array(audit[C.PQ_SCORE]), np.array(audit[C.AQ_SCORE]), QuantileRouting(0.2, 0.3))
+    p = np.array(audit[C.PQ_SCORE], dtype=np.float64)
+    a = np.array([np.nan if x is None else x for x in audit[C.AQ_SCORE]], dtype=np.float64)
+    expect = quantile_routing(p, a, QuantileRouting(0.2, 0.3))
     assert t == {"skip_p": expect.skip_p, "skip_a": expect.skip_a, "light_p": expect.light_p,
                  "light_a": expect.light_a}
     assert m["result_config"]["preset"]["routing"] == t  # in the config hash: resume uses the same ones
     out = rows(tmp_path, "out")
     planned = [choose_route(p, a, expect) for p, a in zip(audit[C.PQ_SCORE], audit[C.AQ_SCORE])]
     assert [r if r != "reverted" else "light" for r in out[C.ROUTE]] == planned
-    p, a = np.array(audit[C.PQ_SCORE]), np.array(audit[C.AQ_SCORE])
     assert sum(r == "full" for r in planned) == int(((p < t["light_p"]) | (a < t["light_a"])).sum())
-    assert (p < t["light_p"]).sum() <= 4 and (a < t["light_a"]).sum() <= 4  # at most 20% by each score
+    assert sum(r == "full" for r in planned) <= 4 and sum(r == "light" for r in planned) <= 6  # 20% and 30% of 20
+    assert m["routing"]["realised"]["full"] == sum(r == "full" for r in planned)
+    assert m["routing"]["realised"]["full_budget"] == 4 and m["routing"]["realised"]["light_budget"] == 6
     assert any("thresholds from the scores" in n for n in s.notes)
     assert not (tmp_path / "out" / "__grefine__" / "audit" / "__grefine__" / "report.html").exists()
     # Resume: the same command recomputes nothing and keeps the thresholds

@@ -548,8 +548,8 @@ def run(
     image_format: ImageFormatOpt = "PNG",
     random_weights: RandomOpt = False,
     scores: Annotated[Optional[str], typer.Option("--scores", help="Reuse p, a and unmatched phrases (and maps) from the OUT of an earlier `score` run over the same inputs and scoring config, instead of scoring again: only the images to refine are decoded.")] = None,
-    refine_worst: Annotated[Optional[float], typer.Option("--refine-worst", help="Route 'full' the worst fraction F of the data set, by p and by a (e.g. 0.15), instead of the preset's fixed thresholds; without --scores the job scores everything first.")] = None,
-    light_next: Annotated[Optional[float], typer.Option("--light-next", help="Route 'light' the next fraction G after --refine-worst, by p and by a (default 0).")] = None,
+    refine_worst: Annotated[Optional[float], typer.Option("--refine-worst", help="A budget: at most floor(F x n) of the n scored items go 'full' (the worst by the worse of their p and a percentiles; ties can take fewer), instead of the preset's fixed thresholds; without --scores the job scores everything first.")] = None,
+    light_next: Annotated[Optional[float], typer.Option("--light-next", help="With --refine-worst: at most floor(G x n) more items go 'light', the next worst (default 0).")] = None,
     unit_rows: UnitRowsOpt = None,
 ) -> None:
     """Score every image of a data set, route it, refine the low-quality ones, write everything back.
@@ -590,12 +590,15 @@ def score(
     models_dir: ModelsDirOpt = None,
     random_weights: RandomOpt = False,
     unit_rows: UnitRowsOpt = None,
+    refine_worst: Annotated[Optional[float], typer.Option("--refine-worst", help="Plan routes with a budget: at most this fraction F of the scored items full (the worst by the worse of their p and a percentiles), as `run --refine-worst` would; the audit is scored first into OUT/__grefine__/audit.")] = None,
+    light_next: Annotated[Optional[float], typer.Option("--light-next", help="With --refine-worst: at most this fraction G light, the next worst (default 0).")] = None,
 ) -> None:
     """Score-only audit of a data set (same as `run --mode score`): ids, prompts, PQ/AQ scores and the route a
     run would take with the preset's thresholds (grefine_route, marked planned). Reuse it with `run --scores`."""
     _job(inputs, out, "score", preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
          save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
-         models_dir, "PNG", random_weights, input_columns, unit_rows=unit_rows)
+         models_dir, "PNG", random_weights, input_columns, refine_worst=refine_worst, light_next=light_next,
+         unit_rows=unit_rows)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -16,6 +16,10 @@ Rule (thresholds from the preset's ``[routing]`` table):
 An item without a prompt (a is None) is routed by p alone. A score exactly on a threshold takes the
 better route (>= skip, not < light). The rule is monotone: raising p or a never moves an image to a
 heavier route.
+
+The thresholds are the preset's, or a budget's (``--refine-worst F --light-next G``): then
+``pipelines/thresholds.py`` picks them from the data set's scores so that this same rule routes at
+most floor(F x n) items full and floor(G x n) light, worst first by each item's worse percentile.
 """
 
 from __future__ import annotations

@@ -62,13 +62,22 @@ from grefine_curate.pipelines.paths import (
 from grefine_curate.pipelines.formats import get_format
 from grefine_curate.pipelines.sources import discover
 from grefine_curate.pipelines.units import UnitLedger
-from grefine_curate.pipelines.work import ColumnSpec, ProcessOptions, ShardTask
+from grefine_curate.pipelines.routing_plan import check_plan_options, plan_routing, plans_routing, realised_line
+from grefine_curate.pipelines.work import (  # noqa: F401 (the exit codes are the job's public names)
+    EXIT_ERROR_RATE,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ColumnSpec,
+    ProcessOptions,
+    ShardTask,
+)
 
 MODES = ("refine", "score")
 EXECUTORS = ("ray", "local")
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_ERROR_RATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 @dataclass
@@ -198,9 +207,7 @@ def _check_options(cfg: JobConfig) -> None:
         bad(f"unit rows must be at least 1 when given (--unit-rows), got {cfg.unit_rows}")
     if not cfg.out:
         bad("an output directory is required (--out)")
-    if cfg.mode == "score" and (cfg.scores or cfg.refine_worst is not None or cfg.light_next is not None):
-        bad("--scores, --refine-worst and --light-next choose how `run` refines; a score run plans routes with the "
-            "preset's thresholds (its report shows the score quantiles)")
+    check_plan_options(cfg)  # fractions checked; a score run takes them, and --scores only with them
 
 
 def resolve_preset(cfg: JobConfig) -> Preset:
@@ -251,10 +258,8 @@ def run_job(cfg: JobConfig) -> JobSummary:
     shards, caps = [shards[i] for i in keep], [caps[i] for i in keep]
     # 3b. Thresholds and where the scores come from (--scores, --refine-worst, --light-next)
     plan = None
-    if cfg.mode == "refine" and (cfg.scores or cfg.refine_worst is not None or cfg.light_next is not None):
-        from grefine_curate.pipelines.routing_plan import plan_routing
-
-        plan, stopped = plan_routing(cfg, preset, shards, caps)
+    if plans_routing(cfg):
+        plan, stopped = plan_routing(cfg, preset, shards, caps, run=run_job)
         if stopped is not None:
             return stopped
         preset = dataclasses.replace(preset, routing=plan.routing)
@@ -321,7 +326,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
         "models": model_ids(preset, cfg.mode),
         "packages": package_versions(),
         "result_config": rcfg,
-        "routing": plan.info if plan is not None else {**describe_routing(preset.routing, None),
+        "routing": {**plan.info, "planned": cfg.mode == "score"} if plan is not None else {**describe_routing(preset.routing, None),
                                                       "planned": cfg.mode == "score"},
         "job": _without_secrets(cfg),
         "inputs": [{"shard": s.rel, "format": s.format, "output": s.record_rel, "input": fs_uri(s.fs, s.path),
@@ -335,8 +340,8 @@ def run_job(cfg: JobConfig) -> JobSummary:
                           max_pixels=preset.max_pixels,
                           draft_size=draft, decode_threads=cfg.decode_threads, seed=preset.seed,
                           fingerprint=fingerprint, routing=preset.routing,
-                          scores_uri=plan.audit.uri if plan is not None else None,
-                          scores_maps=plan.audit.has_maps if plan is not None else False,
+                          scores_uri=plan.audit.uri if plan is not None and cfg.mode == "refine" else None,
+                          scores_maps=plan.audit.has_maps if plan is not None and cfg.mode == "refine" else False,
                           allow_paths=tuple(cfg.allow_paths or ()), batch_hook=cfg.batch_hook)
     spec = EngineSpec(preset=preset, mode=cfg.mode, models_dir=cfg.models_dir, factory=cfg.engine_factory)
     todo_rows = sum(t.rows for t in tasks)
@@ -405,9 +410,10 @@ def run_job(cfg: JobConfig) -> JobSummary:
     notes = [limit_note] if limit_note else []
     if plan is not None and plan.info.get("source") == "quantiles":
         t = plan.info["thresholds"]
-        notes.append(f"thresholds from the scores (worst {plan.info['refine_worst']:.1%} full, next "
-                     f"{plan.info['light_next']:.1%} light): full when p < {t['light_p']:.4f} or a < {t['light_a']:.4f}; "
-                     f"skip when p >= {t['skip_p']:.4f} and a >= {t['skip_a']:.4f}")
+        notes.append(f"thresholds from the scores (budget: worst {plan.info['refine_worst']:.1%} full, next "
+                     f"{plan.info['light_next']:.1%} light; {realised_line(plan.info['realised'])}): full when "
+                     f"p < {t['light_p']:.4f} or a < {t['light_a']:.4f}; skip when p >= {t['skip_p']:.4f} and "
+                     f"a >= {t['skip_a']:.4f}")
     if code == EXIT_ERROR_RATE:
         notes.append(f"error rate {error_rate:.1%} is above --max-error-rate {cfg.max_error_rate:.1%}; "
                      f"the messages are in the {'grefine_error'} column")

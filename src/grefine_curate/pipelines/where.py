@@ -14,12 +14,20 @@ Examples: ``pq_score_after >= 0.6``, ``pq_score >= 0.5 and (aq_score >= 0.4 or a
 leaves out rows without a prompt unless ``or aq_score == null`` is added). The result is a pyarrow
 compute expression, evaluated column-wise on record batches; columns and types are checked against
 the data's schema before any row is read.
+
+Numbers compare exactly: on an integer column (``grefine_seed``, int64 beyond 2^53) the literal is
+read as an exact rational and the comparison made on integers (``row_key > 1.5`` is ``row_key >= 2``),
+never through float64. Limits, each refused with one line (exit 2) instead of a crash: parentheses
+and ``not`` nested deeper than MAX_NESTING (Python's recursion), and more than MAX_COMPARISONS
+comparisons (Arrow flattens an ``or`` / ``and`` chain and evaluates it recursively: 10,000 crash the
+process). A list or struct column cannot be compared; the error says which columns can.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,6 +36,8 @@ from grefine_curate.curate.errors import ConfigError
 
 _TOKEN = re.compile(r"""\s*(?:(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<op><=|>=|==|!=|<|>|=)|"""
                     r"""(?P<str>'[^']*'|"[^"]*")|(?P<name>[A-Za-z_][A-Za-z0-9_.\-]*)|(?P<paren>[()]))""")
+MAX_NESTING = 100  # parentheses and `not` inside each other
+MAX_COMPARISONS = 1000  # comparisons in one expression (Arrow's evaluation recurses along and / or chains)
 _OPS = {"<": "less", "<=": "less_equal", ">": "greater", ">=": "greater_equal", "==": "equal", "=": "equal",
         "!=": "not_equal"}
 
@@ -63,6 +73,7 @@ def _error(text: str, pos: int, what: str) -> ConfigError:
 class _Parser:
     def __init__(self, text: str, schema: pa.Schema):
         self.text, self.schema, self.toks, self.i = text, schema, _tokens(text), 0
+        self.comparisons = 0
 
     def peek(self) -> _Tok:
         return self.toks[self.i]
@@ -79,29 +90,37 @@ class _Parser:
             return True
         return False
 
-    def expr(self) -> pc.Expression:
-        e = self.term()
+    def expr(self, nesting: int = 0) -> pc.Expression:
+        e = self.term(nesting)
         while self.keyword("or"):
-            e = e | self.term()
+            e = e | self.term(nesting)
         return e
 
-    def term(self) -> pc.Expression:
-        e = self.factor()
+    def term(self, nesting: int) -> pc.Expression:
+        e = self.factor(nesting)
         while self.keyword("and"):
-            e = e & self.factor()
+            e = e & self.factor(nesting)
         return e
 
-    def factor(self) -> pc.Expression:
-        if self.keyword("not"):
-            return ~self.factor()
+    def factor(self, nesting: int) -> pc.Expression:
         t = self.peek()
+        if (t.kind == "paren" and t.text == "(") or (t.kind == "name" and t.text.lower() == "not"):
+            if nesting >= MAX_NESTING:
+                raise ConfigError(f"--where: parentheses and 'not' nested more than {MAX_NESTING} deep at position "
+                                  f"{t.pos + 1}; write the condition flatter")
+        if self.keyword("not"):
+            return ~self.factor(nesting + 1)
         if t.kind == "paren" and t.text == "(":
             self.next()
-            e = self.expr()
+            e = self.expr(nesting + 1)
             close = self.next()
             if close.kind != "paren" or close.text != ")":
                 raise _error(self.text, close.pos, "missing ')'")
             return e
+        self.comparisons += 1
+        if self.comparisons > MAX_COMPARISONS:
+            raise ConfigError(f"--where: more than {MAX_COMPARISONS} comparisons (at position {t.pos + 1}); "
+                              "filter in steps, or export and filter the Parquet output")
         return self.comparison()
 
     def comparison(self) -> pc.Expression:
@@ -122,9 +141,14 @@ class _Parser:
                 return field.is_valid()
             raise _error(self.text, op.pos, "null compares only with == or !=")
         t = self.schema.field(col.text).type
+        if not _comparable(t):
+            raise ConfigError(f"--where: column {col.text!r} holds {t}, which --where cannot compare; it compares "
+                              f"numbers, text and null (columns: {', '.join(_comparable_columns(self.schema))})")
         if val.kind == "num":
             if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
                 raise ConfigError(f"--where: column {col.text!r} holds {t}, not numbers; compare it with 'text'")
+            if pa.types.is_integer(t):
+                return _integer_comparison(field, op.text, _exact(val.text, col.text), t)
             value = float(val.text)
         elif val.kind == "str":
             if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
@@ -137,9 +161,47 @@ class _Parser:
         return getattr(pc, _OPS[op.text])(field, pa.scalar(value))
 
 
+def _comparable(t: pa.DataType) -> bool:
+    return (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+            or pa.types.is_null(t))
+
+
+def _comparable_columns(schema: pa.Schema) -> list[str]:
+    return [f.name for f in schema if _comparable(f.type)]
+
+
+def _exact(number: str, column: str) -> Fraction:
+    """A number literal as an exact rational (1e400 would need a 400-digit integer: refused past 1e±400)."""
+    exponent = re.search(r"[eE]([-+]?\d+)$", number)
+    if exponent is not None and abs(int(exponent.group(1))) > 400:
+        raise ConfigError(f"--where: the number {number} is out of range for the integer column {column!r}")
+    return Fraction(number)
+
+
+def _integer_comparison(field: pc.Expression, op: str, value: Fraction, t: pa.DataType) -> pc.Expression:
+    """``field OP value`` on an integer column, exactly: integers compare as integers, never via float64."""
+    lo, hi = (-(1 << (t.bit_width - 1)), (1 << (t.bit_width - 1)) - 1) if pa.types.is_signed_integer(t) \
+        else (0, (1 << t.bit_width) - 1)
+    never = field.is_valid() & pc.scalar(False)  # false, and null rows stay out as in any comparison
+    if op in ("==", "=", "!="):
+        if value.denominator != 1 or not lo <= value <= hi:  # no integer of the column equals it
+            return never if op != "!=" else field.is_valid()
+        return getattr(pc, _OPS[op])(field, pa.scalar(int(value), t))
+    if op in ("<", "<="):  # x < v  <=>  x <= ceil(v) - 1;  x <= v  <=>  x <= floor(v)
+        bound = -((-value.numerator) // value.denominator) - 1 if op == "<" else value.numerator // value.denominator
+        if bound >= hi:
+            return field.is_valid()
+        return never if bound < lo else pc.less_equal(field, pa.scalar(bound, t))
+    # x > v  <=>  x >= floor(v) + 1;  x >= v  <=>  x >= ceil(v)
+    bound = value.numerator // value.denominator + 1 if op == ">" else -((-value.numerator) // value.denominator)
+    if bound <= lo:
+        return field.is_valid()
+    return never if bound > hi else pc.greater_equal(field, pa.scalar(bound, t))
+
+
 def parse_where(text: str, schema: pa.Schema) -> pc.Expression:
     """A filter expression over ``schema``'s columns; ConfigError (exit 2) naming the problem otherwise."""
-    if not text or not text.strip():
+    if text is None or not text.strip():
         raise ConfigError("--where is empty; give a condition such as \"pq_score_after >= 0.6\"")
     p = _Parser(text, schema)
     e = p.expr()

@@ -16,6 +16,9 @@ from grefine_curate.curate.config import RoutingConfig
 from grefine_curate.pipelines.paths import join, marker_path, part_path
 
 
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_ERROR_RATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130  # the job's exit codes
+
+
 @dataclass(frozen=True)
 class ColumnSpec:
     """Which columns hold the image, the prompt and the id (None = detect / default)."""
