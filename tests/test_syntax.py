@@ -82,11 +82,16 @@ def test_clause_with_its_own_root(nlp):
 
 def test_missed_noun_becomes_phrase(nlp):
     # fox/NOUN is the ROOT but not a noun chunk (its chunk would overlap "artstation").
-    p = parse_prompt("hyperrealistic, trending on artstation, a fox", nlp)
+    # modifiers="keep" parses the style tail as words (the authors' behaviour), which exercises the
+    # missed-noun rule; the default presets set the tail aside first, leaving "a fox" alone.
+    p = parse_prompt("hyperrealistic, trending on artstation, a fox", nlp, modifiers="keep")
     assert p.texts == ["hyperrealistic trending", "artstation", "fox"]
     assert p.nouns == ["", "artstation", "fox"]
     assert p.parents == [2, 2, 2]
     assert any("fox" in n and "missed" in n for n in p.notes)
+    p = parse_prompt("hyperrealistic, trending on artstation, a fox", nlp)
+    assert p.texts == ["fox"] and p.parents == [0]
+    assert p.modifiers == ("hyperrealistic", "trending on artstation")
 
 
 def test_adverbial_noun_is_not_a_phrase(nlp):
