@@ -45,7 +45,9 @@ ultra high res; award winning; award-winning; award winning photography; award w
 stunning; ultra realistic; ultra-realistic; hyperrealistic; hyperrealism; hyper realistic; hyper-realistic;
 photorealistic; photorealism; photo realistic; photo-realistic; realistic; ultrarealistic; lifelike;
 raw photo; dslr; film grain; cinematic; epic composition; perfect composition; beautiful composition;
-trending; featured; artstation hq; official art; wallpaper; 8k wallpaper; unity 8k wallpaper""".split(";")
+trending; featured; artstation hq; official art; wallpaper; 8k wallpaper; unity 8k wallpaper;
+national geographic; national geographic photo; warm tones; cool tones; soft colors; vibrant colors; pastel colors;
+muted colors; pastel""".split(";")
 RENDER = """octane render; octane; octanerender; unreal engine; unreal engine 5; unreal engine 4; ue5; ue4;
 cycles render; blender render; blender; redshift; redshift render; vray; v-ray; ray tracing; raytracing; ray traced;
 path tracing; global illumination; subsurface scattering; 3d render; 3d rendering; cgi; render; rendered; rendering;
@@ -53,8 +55,8 @@ volumetric; ambient occlusion; physically based rendering; pbr; zbrush; substanc
 keyshot; lumen; rtx; rtx on; vfx; cg""".split(";")
 CAMERA = """bokeh; depth of field; shallow depth of field; dof; long exposure; macro; macro photography; macro shot;
 wide angle; wide-angle; wide angle lens; wide-angle lens; ultra wide angle; telephoto; telephoto lens; fisheye;
-fisheye lens; tilt shift; tilt-shift; lens; canon eos 5d; canon eos r5; nikon d850; sony a7r; sony a7 iii; leica;
-hasselblad; kodak portra 400; portra 400; fujifilm; 35mm film; film photography; analog photo; golden hour;
+fisheye lens; tilt shift; tilt-shift; lens; canon eos 5d; canon eos r5; nikon d850; sony a7r; sony a7 iii;
+kodak portra 400; portra 400; 35mm film; film photography; analog photo; golden hour;
 blue hour; motion blur; high contrast; lens flare; chromatic aberration; close up; closeup; close-up;
 extreme close up; full shot; medium shot; wide shot; establishing shot; portrait photography;
 studio photography; professional photography; photography; studio quality; rim light; backlit;
@@ -96,10 +98,11 @@ _PATTERNS = [
     r"\d+\s?mm(?:\s+lens)?", r"f\s?/\s?\d+(?:\.\d+)?", r"\d+\s?k(?:\s+resolution)?", r"\d{3,4}p", r"iso\s?\d+",
     r"\d+\s?megapixels?", r"\d+\+?\s?(?:girls?|boys?|others?)", r"(?:[\w-]+\s+){0,2}lighting",
     r"(?:[\w-]+\s+){0,2}render(?:ing)?", r"shot\s+on\s+[\w\s.-]+", r"(?:[\w-]+\s+){0,3}style",
-    r"(?:fujifilm|fuji|canon|nikon|sony|leica|hasselblad|kodak)(?:\s+[a-z-]*\d[\w-]*)+",
+    r"(?:fujifilm|fuji|canon|nikon|sony|leica|hasselblad|kodak)(?:(?:\s+[a-z-]+)?\s+[a-z-]*\d[\w-]*)?",
 ]
-_TERM = re.compile(rf"(?<![\w/])(?:{'|'.join(_PATTERNS)}|{_alternation(_ALL)})(?![\w/])", re.IGNORECASE)
-_ADJ_TERM = re.compile(rf"(?<![\w/])(?:{'|'.join(_PATTERNS)}|{_alternation(_ADJECTIVAL)})(?![\w/])", re.IGNORECASE)
+# Listed terms before patterns, so that "35mm film" is one term rather than the pattern's "35mm".
+_TERM = re.compile(rf"(?<![\w/])(?:{_alternation(_ALL)}|{'|'.join(_PATTERNS)})(?![\w/])", re.IGNORECASE)
+_ADJ_TERM = re.compile(rf"(?<![\w/])(?:{_alternation(_ADJECTIVAL)}|{'|'.join(_PATTERNS)})(?![\w/])", re.IGNORECASE)
 _NOM_TERM = re.compile(rf"(?<![\w/])(?:{_alternation(_NOMINAL)})(?![\w/])", re.IGNORECASE)
 # Words that carry no content next to modifier terms.
 _GLUE = frozenset("""a an the and with very ultra hyper super extremely highly insanely incredibly beautifully
@@ -157,8 +160,10 @@ def _peel(seg: str) -> tuple[str, list[str]]:
             found.insert(0, seg[m.start():].strip())
             seg = seg[: m.start()]
             break
-    # 2. A tag made only of terms and glue
-    if not seg.strip() or _only_glue(_TERM.sub(" ", seg)):
+    # 2. A tag made only of terms and glue, or a short tag that names a medium ("storybook illustration")
+    short_medium = re.fullmatch(rf"\s*(?!{_DETERMINERS}\b)(?:[\w'-]+\s+){{0,2}}(?:{_NOM_TERM.pattern})\s*", seg,
+                                re.IGNORECASE)
+    if not seg.strip() or short_medium or _only_glue(_TERM.sub(" ", seg)):
         if seg.strip() and not _only_glue(seg):
             found.insert(0, seg.strip())
         return "", found
