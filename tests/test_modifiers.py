@@ -73,6 +73,8 @@ def test_default_presets_find_content_and_leak_no_modifier(nlp):
         ("a house by the lake, surrounded by trees, golden hour",
          "a house by the lake, surrounded by trees", ("golden hour",)),
         ("a cat chased by a dog", "a cat chased by a dog", ()),
+        ("a cabin surrounded by pines by ivan shishkin", "a cabin surrounded by pines", ("by ivan shishkin",)),
+        ("an old man sitting by fire", "an old man sitting by fire", ()),
         ("an oil painting hanging on a wall, 8k", "an oil painting hanging on a wall", ("8k",)),
         # a medium in its unambiguous places
         ("oil painting of a fox in the snow", "a fox in the snow", ("oil painting of",)),
@@ -93,6 +95,9 @@ def test_default_presets_find_content_and_leak_no_modifier(nlp):
         # Danbooru: meta tags are modifiers, attribute tags are content
         ("1girl, solo, long hair, blue eyes, looking at viewer", "long hair, blue eyes",
          ("1girl", "solo", "looking at viewer")),
+        # a count tag is glued ("2boys"); a counted noun in a sentence is content
+        ("2 boys playing football, 2boys", "2 boys playing football", ("2boys",)),
+        ("a woman with a 1920s hair style", "a woman with a 1920s hair style", ()),
         # a sentence without modifiers is returned as it is
         ("Mr. Beans wearing sun glasses. A dog.", "Mr. Beans wearing sun glasses. A dog.", ()),
     ],

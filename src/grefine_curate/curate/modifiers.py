@@ -96,8 +96,8 @@ def _alternation(terms: list[str]) -> str:
 # Pattern-shaped terms: lenses, apertures, resolutions, ISO, counted people, "X lighting", "X style".
 _PATTERNS = [
     r"\d+\s?mm(?:\s+lens)?", r"f\s?/\s?\d+(?:\.\d+)?", r"\d+\s?k(?:\s+resolution)?", r"\d{3,4}p", r"iso\s?\d+",
-    r"\d+\s?megapixels?", r"\d+\+?\s?(?:girls?|boys?|others?)", r"(?:[\w-]+\s+){0,2}lighting",
-    r"(?:[\w-]+\s+){0,2}render(?:ing)?", r"shot\s+on\s+[\w\s.-]+", r"(?:[\w-]+\s+){0,3}style",
+    r"\d+\s?megapixels?", r"\d+\+?(?:girls?|boys?|others?)", r"(?:[\w-]+\s+){0,2}lighting",
+    r"(?:[\w-]+\s+){0,2}render(?:ing)?", r"shot\s+on\s+[\w\s.-]+", r"(?:[\w-]+\s+){0,2}(?<!hair\s)style",
     r"(?:fujifilm|fuji|canon|nikon|sony|leica|hasselblad|kodak)(?:(?:\s+[a-z-]+)?\s+[a-z-]*\d[\w-]*)?",
 ]
 # Listed terms before patterns, so that "35mm film" is one term rather than the pattern's "35mm".
@@ -112,9 +112,9 @@ _CREDIT_VERBS = ("painted", "drawn", "illustrated", "photographed", "designed", 
                  "made", "shot", "rendered", "inspired", "influenced")
 # "by X": a credit unless X starts with a determiner or the word before is a participle (agent).
 _CREDIT = re.compile(
-    r"(?:\b(?:art|artwork|painting|illustration|photo|photograph|concept art|digital art)\s+)?"
+    r"(?:\b(?:art|artwork|painting|illustration|photo|photograph|concept\s+art|digital\s+art)\s+)?"
     r"(?:\b(?:in\s+the\s+style\s+of|in\s+style\s+of|style\s+of|inspired\s+by|influenced\s+by)\b"
-    rf"|\bby\b(?!\s+{_DETERMINERS}\b))\s*\S.*$",
+    rf"|\bby\b(?!\s+{_DETERMINERS}\b))(?=\s*\S)",  # the credit runs from here to the end of the tag
     re.IGNORECASE,
 )
 _PLATFORM = re.compile(
@@ -122,6 +122,11 @@ _PLATFORM = re.compile(
     rf"|\b(?:trending|featured)\s+on\s+\w+.*$",
     re.IGNORECASE,
 )
+# A term at a tag's start (after glue words), or "<medium> of"; a term at its end, or "in <medium>".
+_LEAD = re.compile(rf"(?:(?:a|an|the|very|ultra|hyper|highly|extremely|and|with)\s+)*"
+                   rf"(?:{_ADJ_TERM.pattern}|(?:{_NOM_TERM.pattern})\s+of\b)", re.IGNORECASE)
+_TRAIL = re.compile(rf"(?:\s+(?:and|with))?\s+(?:(?:{_ADJ_TERM.pattern})|(?:in|as)\s+(?:an?\s+)?(?:{_NOM_TERM.pattern})"
+                    r"(?:\s+style)?|in\s+[\w-]+(?:\s+[\w-]+)?\s+style)$", re.IGNORECASE)
 _SPLIT = re.compile(r"[,;|]|\.(?=\s|$)")
 
 
@@ -142,7 +147,8 @@ def _is_credit(seg: str, start: int) -> bool:
     prev = before[-1].lower()
     if prev in _CREDIT_VERBS:
         return True
-    return not (prev.endswith(("ed", "en")) or prev in {"lit", "held", "built", "caught", "led", "hit", "run", "fed"})
+    # "surrounded by trees", "sitting by fire": an agent or a place, not an artist
+    return not (prev.endswith(("ed", "en", "ing")) or prev in {"lit", "held", "built", "caught", "led", "hit", "run", "fed"})
 
 
 def _only_glue(text: str) -> bool:
@@ -171,23 +177,14 @@ def _peel(seg: str) -> tuple[str, list[str]]:
     head, tail = [], []
     while True:
         s = seg.lstrip()
-        m = _ADJ_TERM.match(s) or re.match(rf"({_NOM_TERM.pattern})\s+of\b", s, re.IGNORECASE)
-        glue = re.match(r"(?:(?:a|an|the|very|ultra|hyper|highly|extremely|and|with)\s+)+", s, re.IGNORECASE)
-        if m is None and glue and (_ADJ_TERM.match(s[glue.end():]) or re.match(
-                rf"({_NOM_TERM.pattern})\s+of\b", s[glue.end():], re.IGNORECASE)):
-            m2 = _ADJ_TERM.match(s[glue.end():]) or re.match(rf"({_NOM_TERM.pattern})\s+of\b", s[glue.end():],
-                                                                re.IGNORECASE)
-            head.append(s[: glue.end() + m2.end()].strip())
-            seg = s[glue.end() + m2.end():]
-            continue
-        if m is None or not s[m.end():].strip():
+        m = _LEAD.match(s)
+        if m is None or not s[m.end():].strip():  # never peel a tag down to nothing here (step 2 does that)
             break
         head.append(s[: m.end()].strip())
         seg = s[m.end():]
     while True:
         s = seg.rstrip()
-        m = re.search(rf"(?:\s+(?:and|with))?\s+(?:(?:{_ADJ_TERM.pattern})|(?:in|as)\s+(?:an?\s+)?(?:{_NOM_TERM.pattern})"
-                      r"(?:\s+style)?|in\s+[\w-]+(?:\s+[\w-]+)?\s+style)$", s, re.IGNORECASE)
+        m = _TRAIL.search(s)
         if m is None or not s[: m.start()].strip():
             break
         tail.insert(0, s[m.start():].strip())
