@@ -110,6 +110,7 @@ in of on at style styled quality detail details art by & + x""".split())
 _DETERMINERS = r"(?:the|a|an|his|her|its|their|my|our|your|this|that|these|those|some|two|three|four|many|one)"
 _CREDIT_VERBS = ("painted", "drawn", "illustrated", "photographed", "designed", "sculpted", "directed", "created",
                  "made", "shot", "rendered", "inspired", "influenced")
+_IRREGULAR_PARTICIPLES = frozenset({"lit", "held", "built", "caught", "led", "hit", "run", "fed", "struck", "bound"})
 # "by X": a credit unless X starts with a determiner or the word before is a participle (agent).
 _CREDIT = re.compile(
     r"(?:\b(?:art|artwork|painting|illustration|photo|photograph|concept\s+art|digital\s+art)\s+)?"
@@ -148,7 +149,7 @@ def _is_credit(seg: str, start: int) -> bool:
     if prev in _CREDIT_VERBS:
         return True
     # "surrounded by trees", "sitting by fire": an agent or a place, not an artist
-    return not (prev.endswith(("ed", "en", "ing")) or prev in {"lit", "held", "built", "caught", "led", "hit", "run", "fed"})
+    return not (prev.endswith(("ed", "en", "ing")) or prev in _IRREGULAR_PARTICIPLES)
 
 
 def _only_glue(text: str) -> bool:

@@ -4,30 +4,32 @@ noun and parent phrase (G-Refine, Li et al. 2024, section 3.2, eq. 4 and Algorit
 Pipeline of ``parse_prompt``:
 
 1. ``clean_prompt`` strips generator syntax that is not part of the described scene (below).
-1b. With ``modifiers="strip"`` (the default presets), ``modifiers.split_modifiers`` sets aside the
+2. With ``modifiers="strip"`` (the default presets), ``modifiers.split_modifiers`` sets aside the
    prompt's style tail (quality boosters, platforms, artist credits, render/camera/lighting terms,
    media, Danbooru meta tags): they never become phrases. They stay in ``cleaned`` (the text scored
-   as a whole and refined with) and are listed in ``ParsedPrompt.modifiers``. ``"keep"`` parses them
-   as phrases like any other words (the authors' code). Deviation from the paper: Algorithm 1 assumes
-   a sentence; public-collection prompts are a sentence plus a tag list.
-2. spaCy dependency parse of the cleaned prompt (its content, when modifiers are stripped) (``load_spacy``; the paper says "NLTK", but the
-   vocabulary of Algorithm 1 -- children, ancestors, ``pos == NOUN`` -- is a dependency tree, and the
-   authors' code parses with spaCy ``en_core_web_sm``).
-3. Partition: each part runs from the start of one noun chunk to the start of the next; text before
+   as a whole and refined with) and are listed in ``ParsedPrompt.modifiers``; the rest is
+   ``ParsedPrompt.content``. ``"keep"`` parses them as phrases like any other words (the authors'
+   code). A deviation from the paper, whose Algorithm 1 assumes a sentence: public-collection
+   prompts are a sentence plus a tag list, and a tag like "octane render" would become a phrase and
+   even the parent of the scene's subject.
+3. spaCy dependency parse of the content (``load_spacy``; the paper says "NLTK", but the vocabulary
+   of Algorithm 1 -- children, ancestors, ``pos == NOUN`` -- is a dependency tree, and the authors'
+   code parses with spaCy ``en_core_web_sm``).
+4. Partition: each part runs from the start of one noun chunk to the start of the next; text before
    the first chunk joins the first part. A NOUN/PROPN token that spaCy's chunker missed (this happens
    when its chunk would overlap an earlier one, e.g. "hyperrealistic, trending on artstation, a fox")
    starts a part of its own, together with its contiguous left modifiers -- unless it is itself a
    modifier (compound, nmod, poss, npadvmod such as "all day"), in which case it stays in its part.
-4. Each part's phrase text = its tokens minus stop words and punctuation, joined by single spaces.
+5. Each part's phrase text = its tokens minus stop words and punctuation, joined by single spaces.
    Stop words: NLTK's classic English list (179 words, written out below, compared lower-cased),
    because NLTK's corpus data cannot be downloaded here. spaCy's own ``is_stop`` list is not used:
    it also holds words that change what is drawn ("two", "front", "back", "top", "empty", "full").
    Negations are stop words too ("no hat" -> "hat"), as in the paper's code.
-5. The noun of a phrase, ``noun="chunk-head"`` (default): the head of the noun chunk that starts it
+6. The noun of a phrase, ``noun="chunk-head"`` (default): the head of the noun chunk that starts it
    when that head is a kept NOUN/PROPN; otherwise the last NOUN/PROPN of the phrase; "" when it has
    none. ``noun="last-noun"`` (the reference code): always the phrase's last NOUN/PROPN. They differ
    when a non-chunk noun trails: "a dog sleeping all day" -> "dog" (chunk-head) or "day" (last-noun).
-6. Parent (Algorithm 1): every phrase starts as its own parent; walk the dependency tree breadth-first
+7. Parent (Algorithm 1): every phrase starts as its own parent; walk the dependency tree breadth-first
    from each sentence root; when a token's phrase differs from its head's phrase, climb the token's
    ancestors to the first NOUN/PROPN lying in another phrase and make that phrase the parent (later
    crossings overwrite earlier ones, as in the reference code). ``parents="position"`` (default)
@@ -39,7 +41,7 @@ Pipeline of ``parse_prompt``:
    the walk starts from the first sentence's root only, the first noun ancestor is taken even when it
    lies in the token's own phrase, phrases with equal text share one parent entry (the last of them
    stands for all), and cycles are not prevented (``tree`` then hangs a cycle under the root).
-7. Phrases whose text is empty after stop-word removal (a chunk that is only a pronoun) are dropped;
+8. Phrases whose text is empty after stop-word removal (a chunk that is only a pronoun) are dropped;
    a phrase whose parent was dropped takes the nearest kept phrase up the parent chain. Phrases beyond
    ``max_phrases`` are dropped (note "truncated"); parents pointing past the cut become self-parents.
 
@@ -264,7 +266,9 @@ def is_blank(text: str | None) -> bool:
 @dataclass(frozen=True)
 class Phrase:
     text: str  # part of the prompt with stop words and punctuation removed
-    noun: str  # chunk-head: its noun chunk's head noun, else its last NOUN/PROPN; last-noun: its last NOUN/PROPN; "" if none
+    # aq.noun = "chunk-head": the head of the noun chunk that starts the phrase, else its last NOUN/PROPN;
+    # "last-noun": its last NOUN/PROPN; "" when it has none
+    noun: str
     parent: int  # index of the parent phrase in the same list (its own index when it has none)
 
 
