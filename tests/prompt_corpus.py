@@ -142,4 +142,27 @@ CORPUS: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
      ("balloon", "valley", "sunrise"), ("photorealistic", "8k", "hdr", "exposure")),
     ("a blacksmith forging a sword, sparks flying, dramatic lighting, by frank frazetta, highly detailed",
      ("blacksmith", "sword", "sparks"), ("dramatic", "lighting", "frazetta", "detailed")),
+    # Written after the finder was tuned on the entries above, and run once untouched as a held-out
+    # check: recall 0.909 (50/55), 3 leaked modifier words ("resolution", "superia", "c4d"). The finder
+    # was then fixed (glue word "resolution", film stocks, 3D packages), so these are no longer held out.
+    ("a grandmother knitting a scarf by the window, soft morning light, cozy, 50mm, f/2, kodak gold 200", ("grandmother", "scarf", "window"), ("50mm", "f/2", "kodak")),
+    ("a goldfish in a glass bowl on a kitchen counter, hyper realistic, studio photo, 8k resolution", ("goldfish", "bowl", "counter"), ("realistic", "8k", "resolution")),
+    ("an orc warrior with a battle axe, full body, dark fantasy, by brom, trending on artstation, highly detailed", ("warrior", "axe"), ("full", "brom", "artstation", "detailed")),
+    ("a paper boat floating in a puddle, macro, shallow dof, bokeh background, award winning photograph", ("boat", "puddle"), ("macro", "dof", "bokeh", "award")),
+    ("masterpiece, best quality, 1boy, solo, black hair, katana, cherry blossom petals, upper body, looking at viewer", ("hair", "katana", "petals"), ("masterpiece", "quality", "1boy", "solo", "upper", "viewer")),
+    ("a parrot sitting on a pirate's shoulder, oil painting, by howard pyle, golden age illustration", ("parrot", "shoulder"), ("oil", "pyle", "illustration")),
+    ("a foggy harbor with fishing boats at dawn, moody, cinematic, 35mm film photography, grainy", ("harbor", "boats", "dawn"), ("cinematic", "35mm", "photography")),
+    ("a crystal sword stuck in a stone, glowing runes, unreal engine 5, octane render, ray traced reflections, 8k", ("sword", "stone", "runes"), ("unreal", "engine", "octane", "render", "8k")),
+    ("a raccoon eating pizza in an alley at night, funny, digital art, trending on reddit, 4k", ("raccoon", "pizza", "alley", "night"), ("digital", "trending", "reddit", "4k")),
+    ("a woman in a yellow raincoat holding a lantern, dark forest, by anato finnstark, concept art, artstation", ("woman", "raincoat", "lantern", "forest"), ("anato", "finnstark", "concept", "artstation")),
+    ("portrait of a cyborg with glowing blue eyes, cyberpunk 2077, neon rim lighting, hdr, sharp focus, (detailed face:1.2)", ("cyborg", "eyes"), ("rim", "lighting", "hdr", "sharp", "focus")),
+    ("a snail climbing a mushroom after the rain, macro photography, water droplets, sigma 105mm, f/2.8", ("snail", "mushroom", "droplets"), ("macro", "photography", "105mm", "f/2.8")),
+    ("an underwater city with coral towers and whales swimming above, matte painting, by tyler edlin, epic scale", ("city", "towers", "whales"), ("matte", "tyler", "edlin")),
+    ("a farmer driving a red tractor through a wheat field, summer, norman rockwell, americana, oil on canvas", ("farmer", "tractor", "field"), ("canvas",)),
+    ("two cats sleeping on a windowsill in the sun, film grain, fujifilm superia, soft focus, 8k uhd", ("cats", "windowsill", "sun"), ("grain", "fujifilm", "superia", "8k", "uhd")),
+    ("a gothic cathedral interior with stained glass windows, volumetric god rays, unreal engine, photorealistic", ("cathedral", "windows"), ("volumetric", "unreal", "engine", "photorealistic")),
+    ("a tiny astronaut standing on a donut planet, 3d render, blender, c4d, cute, pastel colors", ("astronaut", "planet"), ("3d", "render", "blender", "c4d", "pastel")),
+    ("a samurai cat holding a katana, ukiyo-e, woodblock print, by hokusai", ("cat", "katana"), ("ukiyo-e", "hokusai")),
+    ("a motorbike parked outside a neon bar in the rain, night photography, long exposure, leica m10", ("motorbike", "bar", "rain"), ("photography", "exposure", "leica", "m10")),
+    ("a queen on a throne surrounded by guards, renaissance painting, by titian, dramatic chiaroscuro lighting", ("queen", "throne", "guards"), ("renaissance", "titian", "lighting")),
 ]

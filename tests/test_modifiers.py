@@ -98,6 +98,8 @@ def test_default_presets_find_content_and_leak_no_modifier(nlp):
         # a count tag is glued ("2boys"); a counted noun in a sentence is content
         ("2 boys playing football, 2boys", "2 boys playing football", ("2boys",)),
         ("a woman with a 1920s hair style", "a woman with a 1920s hair style", ()),
+        # nothing disappears silently: a tag of glue words only is no modifier and stays content
+        ("a cat, art, 8k", "a cat, art", ("8k",)),
         # a sentence without modifiers is returned as it is
         ("Mr. Beans wearing sun glasses. A dog.", "Mr. Beans wearing sun glasses. A dog.", ()),
     ],

@@ -52,11 +52,12 @@ RENDER = """octane render; octane; octanerender; unreal engine; unreal engine 5;
 cycles render; blender render; blender; redshift; redshift render; vray; v-ray; ray tracing; raytracing; ray traced;
 path tracing; global illumination; subsurface scattering; 3d render; 3d rendering; cgi; render; rendered; rendering;
 volumetric; ambient occlusion; physically based rendering; pbr; zbrush; substance painter; houdini; corona render;
-keyshot; lumen; rtx; rtx on; vfx; cg""".split(";")
+keyshot; lumen; rtx; rtx on; vfx; cg; c4d; cinema 4d; maya; 3ds max; marmoset; arnold render; daz3d; sketchfab""".split(";")
 CAMERA = """bokeh; depth of field; shallow depth of field; dof; long exposure; macro; macro photography; macro shot;
 wide angle; wide-angle; wide angle lens; wide-angle lens; ultra wide angle; telephoto; telephoto lens; fisheye;
-fisheye lens; tilt shift; tilt-shift; lens; canon eos 5d; canon eos r5; nikon d850; sony a7r; sony a7 iii;
-kodak portra 400; portra 400; 35mm film; film photography; analog photo; golden hour;
+fisheye lens; shallow dof; bokeh background; blurred background; blurry background; studio photo; tilt shift; tilt-shift; lens; canon eos 5d; canon eos r5; nikon d850; sony a7r; sony a7 iii;
+kodak portra 400; portra 400; portra; kodak gold 200; kodak gold; ektar; ektachrome; kodachrome; superia;
+fujifilm superia; velvia; provia; ilford hp5; tri-x; cinestill 800t; cinestill; 35mm film; film photography; analog photo; golden hour;
 blue hour; motion blur; high contrast; lens flare; chromatic aberration; close up; closeup; close-up;
 extreme close up; full shot; medium shot; wide shot; establishing shot; portrait photography;
 studio photography; professional photography; photography; studio quality; rim light; backlit;
@@ -106,7 +107,7 @@ _ADJ_TERM = re.compile(rf"(?<![\w/])(?:{_alternation(_ADJECTIVAL)}|{'|'.join(_PA
 _NOM_TERM = re.compile(rf"(?<![\w/])(?:{_alternation(_NOMINAL)})(?![\w/])", re.IGNORECASE)
 # Words that carry no content next to modifier terms.
 _GLUE = frozenset("""a an the and with very ultra hyper super extremely highly insanely incredibly beautifully
-in of on at style styled quality detail details art by & + x""".split())
+in of on at style styled quality detail details art by resolution & + x""".split())
 _DETERMINERS = r"(?:the|a|an|his|her|its|their|my|our|your|this|that|these|those|some|two|three|four|many|one)"
 _CREDIT_VERBS = ("painted", "drawn", "illustrated", "photographed", "designed", "sculpted", "directed", "created",
                  "made", "shot", "rendered", "inspired", "influenced")
@@ -170,9 +171,12 @@ def _peel(seg: str) -> tuple[str, list[str]]:
     # 2. A tag made only of terms and glue, or a short tag that names a medium ("storybook illustration")
     short_medium = re.fullmatch(rf"\s*(?!{_DETERMINERS}\b)(?:[\w'-]+\s+){{0,2}}(?:{_NOM_TERM.pattern})\s*", seg,
                                 re.IGNORECASE)
-    if not seg.strip() or short_medium or _only_glue(_TERM.sub(" ", seg)):
-        if seg.strip() and not _only_glue(seg):
-            found.insert(0, seg.strip())
+    if not seg.strip():
+        return "", found
+    if _only_glue(seg):  # no term at all ("the", "photo of"): not ours to judge, left to the parse
+        return seg.strip(), found
+    if short_medium or _only_glue(_TERM.sub(" ", seg)):
+        found.insert(0, seg.strip())
         return "", found
     # 3. Peel adjectival terms off the start and the end; a medium/style in its unambiguous places
     head, tail = [], []
