@@ -328,3 +328,29 @@ def test_long_emphasised_prompt_puts_phrases_first(tiny_aq):
     text = tiny_aq.emphasise(cleaned.strip(), ["red sofa"])
     assert text.startswith("(red sofa:1.1), ")
     assert tiny_aq.emphasise("a cat", ["red sofa", "red sofa", "room"]) == "a cat, (red sofa:1.1), (room:1.1)"
+
+
+def test_modifiers_are_no_phrase_no_defect_and_stay_in_the_prompt(nlp, monkeypatch):
+    # The style tail yields no phrase (so no defect, no map in A, nothing emphasised), while the whole
+    # prompt, tail included, is what clip_score reads and what the refinement prompt starts with.
+    styled = PROMPT + ", highly detailed, trending on artstation, by greg rutkowski, octane render"
+    monkeypatch.setitem(AXIS, styled, AXIS[PROMPT])
+    aq, enc = injected_aq(nlp)  # AQConfig() default: modifiers = "strip"
+    (r,) = aq.from_tokens(make_tokens(cls_sims()), [(2, 2)], [styled])
+    assert [(ph.text, ph.defect) for ph in r.phrases] == [
+        ("cat sitting", None), ("red sofa", ADJECTIVE_UNMATCHED), ("living room", NOUN_UNMATCHED)]
+    assert [ph.parent for ph in r.phrases] == [0, 0, 0]
+    np.testing.assert_allclose(r.A, np.maximum(M_CAT, M_SOFA), atol=1e-5)
+    assert r.emphasised_prompt == f"{styled}, (red sofa:1.1), (living room:1.1)"
+    encoded = [t for call in enc.calls for t in call]
+    assert styled in encoded and not any("artstation" in t or "octane" in t for t in encoded if t != styled)
+    # "keep" (the reference preset) parses the tail as phrases, as every preset did before
+    keep, _ = injected_aq(nlp, modifiers="keep")
+    (p,) = keep.parse([styled])
+    assert "octane render" in p.texts and p.modifiers == ()
+
+
+@pytest.mark.parametrize("field, value", [("modifiers", "drop"), ("noun", "head"), ("parents", "text")])
+def test_unknown_parse_option_is_refused(field, value):
+    with pytest.raises(ValueError, match=f"aq.{field}"):
+        AQMap(None, dataclasses.replace(AQConfig(), **{field: value}), TextFeatureCache(encoder=OneHotEncoder()))

@@ -147,17 +147,27 @@ PROMPTS = [
     "Mr. Beans wearing sun glasses with blue doctor suit and stripe tie",  # the script's default query
     "a red fox sitting in the snow",
     "a cat and a dog",
-    "a rocket launching from a tower under a blue sky",  # a documented parent deviation (below)
+    "a rocket launching from a tower under a blue sky",  # repeated "a": parents by word text (below)
+    "a man with a hat and a dog with a hat standing in a park with a man",  # repeated words and phrases
     "a dragon made of glass",
     "an old man with a white beard",
     "an astronaut on the moon, highly detailed",  # comma after a noun: the script crashes
     "portrait of a woman, oil painting",  # likewise
 ]
-# Prompts where the script's parent differs from ours by a documented deviation (README "AQ-Map"):
-# the script maps tokens to phrases by word text, so the "a" of "a tower" is read as belonging to
-# "a blue sky" (the last part holding an "a"), which makes "tower" the parent of "blue sky"; by
-# position "sky" hangs under "launching" and its parent is "rocket launching".
-PARENT_BY_WORD_TEXT = {"a rocket launching from a tower under a blue sky"}
+# Long prompts with repeated words, where the script's word-text mapping (a word's last part wins)
+# gives other parents than a mapping by position: the preset's aq.parents = "word-text" must follow
+# the script on all of them. Parsing only (no CLIP), so the list can be long.
+REPEATED_WORDS = [
+    "a rocket launching from a tower under a blue sky",
+    "a man with a hat and a dog with a hat standing in a park with a man",
+    "a woman in a red coat walking a dog along a river under a bridge with a lamp on the bridge",
+    "a boy on a bike and a girl on a bike riding past a house with a garden and a tree in the garden",
+    "an old castle on a hill above a village with a church and a tower next to a river with a boat on the river",
+    "a knight with a sword and a shield fighting a dragon with a long tail in front of a castle with a red flag",
+    "a lighthouse on a rock in the sea with a ship in the distance under a dark sky with a full moon",
+    "a cat sleeping on a chair next to a dog sleeping on a rug in front of a fireplace",
+    "a dog sleeping all day",  # a trailing non-chunk noun: the script's noun is the last one ("day")
+]
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +218,26 @@ def aq_clip(aq_model):
                       std=CLIP_STD, device=torch.device("cpu"), dtype=torch.float32, name="ViT-B-16-quickgelu/2-layer text")
 
 
+def test_reference_preset_parses_as_the_script_on_repeated_words(nlp):
+    """Phrases, nouns and parents of the `reference` preset's parse equal AQ-Map.py's, word for word."""
+    from grefine_curate.curate.syntax import parse_prompts
+
+    aq = _preset(None).aq
+    assert (aq.modifiers, aq.noun, aq.parents) == ("keep", "last-noun", "word-text")
+    ours = parse_prompts(REPEATED_WORDS, nlp, aq.max_phrases, modifiers=aq.modifiers, noun=aq.noun,
+                         parents=aq.parents)
+    default = parse_prompts(REPEATED_WORDS, nlp, aq.max_phrases, modifiers="keep")  # position, chunk-head
+    differ = 0
+    for prompt, pp, dp in zip(REPEATED_WORDS, ours, default):
+        phrases, parent_of, nouns = ref.parse_reference(prompt, nlp, STOP_WORDS)
+        assert pp.texts == phrases, prompt
+        assert pp.nouns == nouns, prompt
+        assert [pp.phrases[ph.parent].text for ph in pp.phrases] == [parent_of[t] for t in phrases], prompt
+        differ += ([dp.phrases[ph.parent].text for ph in dp.phrases] != [parent_of[t] for t in phrases]
+                   or dp.nouns != nouns)
+    assert differ >= 6, "the default options should differ from the script here, or the test has no teeth"
+
+
 def _run_reference(state_dict, clip, nlp, img, prompt, cache):
     try:
         return ref.aq_reference(state_dict, clip.tokenizer, nlp, STOP_WORDS, img, prompt, cache=cache,
@@ -231,12 +261,7 @@ def test_aq_phrases_parents_scores_defects_a_and_map_match_the_script(
         compared += 1
         assert [ph.text for ph in ours.phrases] == theirs["phrases"], prompt
         parents = [ours.phrases[ph.parent].text for ph in ours.phrases]
-        if prompt in PARENT_BY_WORD_TEXT:  # the deviation is real, and only the parents differ
-            assert parents != theirs["parents"], prompt
-            selected_parent = any(d == "noun-unmatched" for d in theirs["defects"])
-        else:
-            assert parents == theirs["parents"], prompt
-            selected_parent = False
+        assert parents == theirs["parents"], prompt  # aq.parents = "word-text", as the script
         assert [ph.noun for ph in ours.phrases] == theirs["nouns"], prompt
         np.testing.assert_allclose([ph.a_pns for ph in ours.phrases], theirs["a_pns"], atol=TOL, rtol=0)
         np.testing.assert_allclose([ph.a_phs for ph in ours.phrases], theirs["a_phs"], atol=TOL, rtol=0)
@@ -244,8 +269,7 @@ def test_aq_phrases_parents_scores_defects_a_and_map_match_the_script(
         defects_seen.update(d for d in theirs["defects"] if d)
         assert abs(ours.a - theirs["a"]) <= TOL, prompt
         assert ours.A.shape == (img.height, img.width)
-        if not selected_parent:  # A reads parents' maps only through noun-unmatched phrases
-            np.testing.assert_allclose(ours.A, theirs["A"], atol=TOL, rtol=0)
+        np.testing.assert_allclose(ours.A, theirs["A"], atol=TOL, rtol=0)
     assert compared >= 6 and crashed >= 2, (compared, crashed)
     assert defects_seen, "no defect in any compared case: the defect and map comparison would be vacuous"
 

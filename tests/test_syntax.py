@@ -82,11 +82,16 @@ def test_clause_with_its_own_root(nlp):
 
 def test_missed_noun_becomes_phrase(nlp):
     # fox/NOUN is the ROOT but not a noun chunk (its chunk would overlap "artstation").
-    p = parse_prompt("hyperrealistic, trending on artstation, a fox", nlp)
+    # modifiers="keep" parses the style tail as words (the authors' behaviour), which exercises the
+    # missed-noun rule; the default presets set the tail aside first, leaving "a fox" alone.
+    p = parse_prompt("hyperrealistic, trending on artstation, a fox", nlp, modifiers="keep")
     assert p.texts == ["hyperrealistic trending", "artstation", "fox"]
     assert p.nouns == ["", "artstation", "fox"]
     assert p.parents == [2, 2, 2]
     assert any("fox" in n and "missed" in n for n in p.notes)
+    p = parse_prompt("hyperrealistic, trending on artstation, a fox", nlp)
+    assert p.texts == ["fox"] and p.parents == [0]
+    assert p.modifiers == ("hyperrealistic", "trending on artstation")
 
 
 def test_adverbial_noun_is_not_a_phrase(nlp):
@@ -220,3 +225,69 @@ def test_load_spacy_error_names_both(monkeypatch):
         load_spacy("no_such_pipeline_xyz")
     msg = str(e.value)
     assert "no_such_pipeline_xyz" in msg and "no_such_fallback_pipeline" in msg and "pip install" in msg
+
+
+# -- Options of the phrase split (aq.modifiers, aq.noun, aq.parents) -------------------------------
+
+
+def test_style_tail_is_set_aside_before_algorithm_1(nlp):
+    prompt = ("a cute orange cat sitting on a windowsill, highly detailed, 4k, trending on artstation, "
+              "by greg rutkowski, octane render")
+    old = parse_prompt(prompt, nlp, modifiers="keep")  # what every preset did before aq.modifiers
+    assert "octane render" in old.texts and old.phrases[0].parent != 0
+    p = parse_prompt(prompt, nlp)
+    assert p.texts == ["cute orange cat sitting", "windowsill"]
+    assert p.nouns == ["cat", "windowsill"]
+    assert p.parents == [0, 0]  # the root phrase has no parent (it was "octane render")
+    assert p.modifiers == ("highly detailed", "4k", "trending on artstation", "by greg rutkowski", "octane render")
+    assert p.cleaned == prompt  # the whole prompt is still what CLIP scores and the refiner reads
+    assert p.content == "a cute orange cat sitting on a windowsill"
+    j = json.loads(p.dumps())
+    assert j["modifiers"] == list(p.modifiers) and j["content"] == p.content
+    assert "modifiers: highly detailed, 4k" in p.describe()
+
+
+def test_modifiers_are_found_after_syntax_cleaning_and_case_insensitively(nlp):
+    p = parse_prompt("(Highly Detailed:1.2), ((MASTERPIECE)), a Red Fox in the snow <lora:x:0.8> BREAK "
+                     "Trending On ArtStation, OCTANE RENDER, [8K]", nlp)
+    assert p.texts == ["Red Fox", "snow"]
+    assert p.modifiers == ("Highly Detailed", "MASTERPIECE", "Trending On ArtStation", "OCTANE RENDER", "8K")
+
+
+def test_only_modifiers_gives_no_phrase(nlp):
+    p = parse_prompt("masterpiece, best quality, 8k, highly detailed, trending on artstation", nlp)
+    assert p.phrases == () and len(p.modifiers) == 5
+    assert any(n.startswith("only modifiers") for n in p.notes)
+
+
+def test_noun_option_chunk_head_or_last_noun(nlp):
+    # day/NOUN npadvmod->sleeping trails the chunk "a dog"; the reference script takes the last noun.
+    assert parse_prompt("a dog sleeping all day", nlp).nouns == ["dog"]
+    assert parse_prompt("a dog sleeping all day", nlp, noun="last-noun").nouns == ["day"]
+
+
+def test_parents_by_word_text_reproduce_the_scripts_overwrite(nlp):
+    # "a" occurs in all three parts; by word text it belongs to the last one ("a blue sky"), so the
+    # crossing sky -> launching reads "a"(sky) vs "launching"(rocket) and the crossing a -> tower reads
+    # phrase(sky) vs phrase(tower): tower becomes sky's parent. By position sky climbs to "rocket".
+    prompt = "a rocket launching from a tower under a blue sky"
+    by_position = parse_prompt(prompt, nlp)
+    by_text = parse_prompt(prompt, nlp, noun="last-noun", parents="word-text")
+    assert by_position.texts == by_text.texts == ["rocket launching", "tower", "blue sky"]
+    assert by_position.parents == [0, 0, 0]
+    assert by_text.parents == [0, 0, 1]
+
+
+def test_unknown_option_names_the_choices(nlp):
+    for kwargs in ({"modifiers": "drop"}, {"noun": "head"}, {"parents": "text"}):
+        with pytest.raises(ValueError, match="is not one of"):
+            parse_prompt("a cat", nlp, **kwargs)
+
+
+def test_tree_shows_every_phrase_when_word_text_parents_close_a_cycle():
+    from grefine_curate.curate.syntax import ParsedPrompt, Phrase
+
+    p = ParsedPrompt("a b c", "a b c", (Phrase("a", "a", 1), Phrase("b", "b", 0), Phrase("c", "c", 2)))
+    tree = p.tree()
+    assert sorted(str(t) if isinstance(t, str) else t.label() for t in tree) == ["a", "c"]
+    assert "b" in tree.pformat()

@@ -270,11 +270,13 @@ def parse(
     spacy_model: Annotated[Optional[str], typer.Option("--spacy-model", help="spaCy pipeline name (default: the preset's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list with one object per prompt.")] = False,
 ) -> None:
-    """Split prompts into phrases (AQ-Map's syntax step): phrases, nouns, parents and the tree."""
+    """Split prompts into phrases (AQ-Map's syntax step): phrases, nouns, parents, modifiers set aside, and the tree."""
     from grefine_curate.curate.syntax import load_spacy, parse_prompts
 
     cfg = _preset(preset, None)
-    parsed = parse_prompts(prompts, load_spacy(spacy_model or cfg.aq.spacy_model), cfg.aq.max_phrases)
+    aq = cfg.aq
+    parsed = parse_prompts(prompts, load_spacy(spacy_model or aq.spacy_model), aq.max_phrases,
+                           modifiers=aq.modifiers, noun=aq.noun, parents=aq.parents)
     if as_json:
         typer.echo(json.dumps([p.to_json() for p in parsed], indent=2, ensure_ascii=False))
         return

@@ -3,7 +3,11 @@
 For an image and its prompt:
 
 1. The prompt is cleaned and split into phrases with a noun and a parent each (``syntax.py``,
-   eq. 4 and Algorithm 1).
+   eq. 4 and Algorithm 1). With ``aq.modifiers = "strip"`` the prompt's style tail ("highly detailed,
+   trending on artstation, by greg rutkowski, octane render"; ``modifiers.py``) is set aside first:
+   it yields no phrase, so no defect and no map, but it stays in the cleaned prompt, which is scored
+   as a whole (clip_score) and is the start of the refinement prompt (5.), so the refiner keeps the
+   style.
 2. The image's CLIP-Surgery tokens (``surgery.SurgeryEncoder``, (B, 1+HW, D)) are L2-normalised
    over channels (``feature_norm="token"``: over the token axis, as the reference code); each text's feature (template ensemble, ``text_features.py``) minus the redundant
    "" feature gives similarities ``sim = tokens @ (text - redundant)^T`` (eq. 5). The score of a text
@@ -36,7 +40,9 @@ For an image and its prompt:
    tokens' embeddings by the weight and restores the embeddings' mean. With ``emphasis = 1`` the
    phrases are appended as plain text. When the text would exceed the 77-token context of the CLIP
    text encoders (which truncate the end), the phrases go in front instead. With no unmatched phrase
-   it is the cleaned prompt.
+   it is the cleaned prompt. The cleaned prompt keeps its modifiers where they were written (a
+   generator weighs a prompt's order), so the style tail always reaches the refiner and is never
+   itself emphasised (it is never a phrase).
 6. Alignment score (eq. 8): ``a = clip_score * prod_j min(a_phs[j] / beta, 1)``.
 
 One surgery forward serves PQ-Map and AQ-Map: ``from_tokens`` takes the tokens an upstream caller
@@ -58,7 +64,15 @@ from PIL import Image
 from grefine_curate.curate.config import AQConfig
 from grefine_curate.curate.results import ADJECTIVE_UNMATCHED, NOUN_UNMATCHED, AQResult, PhraseScore
 from grefine_curate.curate.surgery import SurgeryEncoder, preprocess_images, tokens_to_maps
-from grefine_curate.curate.syntax import ParsedPrompt, is_blank, load_spacy, parse_prompts
+from grefine_curate.curate.syntax import (
+    MODIFIER_MODES,
+    NOUN_MODES,
+    PARENT_MODES,
+    ParsedPrompt,
+    is_blank,
+    load_spacy,
+    parse_prompts,
+)
 from grefine_curate.curate.text_features import TextFeatureCache
 
 COMBINE_MODES = ("max", "product")
@@ -94,6 +108,9 @@ def _check_config(cfg: AQConfig) -> None:
         raise ValueError(f"aq.max_phrases={cfg.max_phrases} must be >= 0")
     if cfg.score_scale <= 0:
         raise ValueError(f"aq.score_scale={cfg.score_scale} must be positive")
+    for name, modes in (("modifiers", MODIFIER_MODES), ("noun", NOUN_MODES), ("parents", PARENT_MODES)):
+        if getattr(cfg, name) not in modes:
+            raise ValueError(f"aq.{name}={getattr(cfg, name)!r} is not one of {modes}")
 
 
 class AQMap:
@@ -188,7 +205,9 @@ class AQMap:
             else:
                 todo.setdefault(p, []).append(i)
         if todo:
-            for text, parsed in zip(todo, parse_prompts(list(todo), self.nlp, self.cfg.max_phrases)):
+            parsed_all = parse_prompts(list(todo), self.nlp, self.cfg.max_phrases, modifiers=self.cfg.modifiers,
+                                       noun=self.cfg.noun, parents=self.cfg.parents)
+            for text, parsed in zip(todo, parsed_all):
                 self._parsed[text] = parsed
                 for i in todo[text]:
                     out[i] = parsed

