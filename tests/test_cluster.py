@@ -59,14 +59,26 @@ def _data(tmp_path, n=32):
     return inp
 
 
+CLUSTER_SCRIPT = """
+import sys
+from grefine_curate.pipelines.faults import Delay
+from grefine_curate.pipelines.job import JobConfig, run_job
+s = run_job(JobConfig(inputs=[sys.argv[1]], out=sys.argv[2], preset="tiny", mode="score", executor="ray",
+                      address=sys.argv[3], workers=2, batch_size=2, unit_rows=4, quiet=True,
+                      batch_hook=Delay(float(sys.argv[4]))))
+for line in s.lines():
+    print(line)
+sys.exit(s.exit_code)
+"""
+
+
 def _start(cluster, inp, out, delay="0.3") -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.path.join(ROOT, "src"),
-           "GREFINE_TEST_BATCH_DELAY": delay, "RAY_USAGE_STATS_ENABLED": "0",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.path.join(ROOT, "src"), "RAY_USAGE_STATS_ENABLED": "0",
            # The nodes listen on 127.0.0.1 only; without this the driver swaps a loopback address for the
            # machine's own IP before connecting (Ray's resolve_ip_for_localhost).
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    cmd = [CLI, "run", str(inp), "--out", str(out), "--preset", "tiny", "--mode", "score", "--executor", "ray",
-           "--address", cluster.address, "--workers", "2", "--batch-size", "2", "--unit-rows", "4", "--quiet"]
+    # The job through its public API (the CLI builds the same JobConfig), with an injected delay per batch
+    cmd = [sys.executable, "-c", CLUSTER_SCRIPT, str(inp), str(out), cluster.address, delay]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 

@@ -21,8 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 JOB_SCRIPT = """
 import sys
+from grefine_curate.pipelines.faults import Delay
 from grefine_curate.pipelines.job import JobConfig, run_job
-s = run_job(JobConfig(inputs=[sys.argv[1]], out=sys.argv[2], preset="tiny", executor="local", mode="score",
+s = run_job(JobConfig(batch_hook=Delay(float(sys.argv[3])), inputs=[sys.argv[1]], out=sys.argv[2], preset="tiny", executor="local", mode="score",
                       batch_size=2, quiet=True))
 sys.exit(s.exit_code)
 """
@@ -38,9 +39,9 @@ def _temporaries(root) -> list[str]:
 
 
 def _start_job(inp, out) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GREFINE_TEST_BATCH_DELAY": "0.4",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.path.join(ROOT, "src")}
-    return subprocess.Popen([sys.executable, "-c", JOB_SCRIPT, str(inp), str(out)], env=env, cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-c", JOB_SCRIPT, str(inp), str(out), "0.4"], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 

@@ -116,8 +116,9 @@ def test_parquet_and_webdataset_from_s3_to_s3(bucket, tmp_path):
 
 JOB_SCRIPT = """
 import sys
+from grefine_curate.pipelines.faults import Delay
 from grefine_curate.pipelines.job import JobConfig, run_job
-s = run_job(JobConfig(inputs=[sys.argv[1]], out=sys.argv[2], preset="tiny", executor="local", mode="score",
+s = run_job(JobConfig(batch_hook=Delay(float(sys.argv[3])), inputs=[sys.argv[1]], out=sys.argv[2], preset="tiny", executor="local", mode="score",
                       batch_size=4, quiet=True, unit_rows=8))
 sys.exit(s.exit_code)
 """
@@ -131,9 +132,9 @@ def test_kill_9_and_resume_on_s3_gives_every_row_once(bucket, tmp_path):
     write_tar(str(tmp_path / "00000.tar"), good_members(6))
     _upload(fs, str(tmp_path / "00000.tar"), f"{name}/in/00000.tar")
     inp, out = f"s3://{name}/in", f"s3://{name}/out"
-    penv = {**os.environ, **env, "HF_HUB_OFFLINE": "1", "GREFINE_TEST_BATCH_DELAY": "0.3",
+    penv = {**os.environ, **env, "HF_HUB_OFFLINE": "1",
             "PYTHONPATH": os.path.join(ROOT, "src")}
-    proc = subprocess.Popen([sys.executable, "-c", JOB_SCRIPT, inp, out], env=penv, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-c", JOB_SCRIPT, inp, out, "0.3"], env=penv, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     parts = f"{name}/out/__grefine__/units/big.parquet"
     t0 = time.monotonic()

@@ -118,8 +118,9 @@ def test_parts_of_another_config_are_not_reused(tmp_path, monkeypatch):
 
 JOB_SCRIPT = """
 import sys
+from grefine_curate.pipelines.faults import Delay
 from grefine_curate.pipelines.job import JobConfig, run_job
-s = run_job(JobConfig(inputs=[sys.argv[1]], out=sys.argv[2], preset="tiny", executor="local", mode="score",
+s = run_job(JobConfig(batch_hook=Delay(float(sys.argv[3])), inputs=[sys.argv[1]], out=sys.argv[2], preset="tiny", executor="local", mode="score",
                       batch_size=5, quiet=True, unit_rows=10))
 sys.exit(s.exit_code)
 """
@@ -128,9 +129,9 @@ sys.exit(s.exit_code)
 def test_kill_9_mid_file_keeps_finished_units(tmp_path):
     inp, out = tmp_path / "in", tmp_path / "out"
     _big_shard(inp / "big.parquet", n=40, group=5)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GREFINE_TEST_BATCH_DELAY": "0.3",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.path.join(ROOT, "src")}
-    proc = subprocess.Popen([sys.executable, "-c", JOB_SCRIPT, str(inp), str(out)], env=env, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-c", JOB_SCRIPT, str(inp), str(out), "0.3"], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     parts_dir = out / "__grefine__" / "units" / "big.parquet"
     t0 = time.monotonic()

@@ -245,7 +245,7 @@ _FORWARD_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CAC
 
 
 def _forwarded_env() -> dict[str, str]:
-    """Env vars the actors need from the driver (offline flags, cache dirs, test hooks)."""
+    """Env vars the actors need from the driver (offline flags, cache dirs, GREFINE_* settings)."""
     return {k: v for k, v in os.environ.items() if k in _FORWARD_ENV or k.startswith("GREFINE_")}
 
 

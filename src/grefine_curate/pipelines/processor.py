@@ -24,7 +24,6 @@ item cannot take its batch (or the job) down.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -243,12 +242,9 @@ def output_schema(task: ShardTask, input_schema: pa.Schema | None, opts: Process
     return get_format(task.shard.format).output_schema(task.shard, input_schema, _score_fields(opts, opts.mode == "refine"), opts)
 
 
-def _test_hooks(batch_index: int, opts: ProcessOptions) -> None:
-    if opts.batch_hook is not None:  # injected by tests (faults, delays); picklable, so it reaches Ray actors
+def _after_batch(batch_index: int, opts: ProcessOptions) -> None:
+    if opts.batch_hook is not None:  # injected (faults.py: delays, a dying worker); picklable, so it reaches Ray actors
         opts.batch_hook(batch_index)
-    delay = os.environ.get("GREFINE_TEST_BATCH_DELAY")  # subprocess tests (kill -9 of the CLI) slow the job here
-    if delay:
-        time.sleep(float(delay))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +319,7 @@ def process_unit(task: ShardTask, in_schema: pa.Schema | None, batches, engine: 
                 if ok and item.route:
                     routes[item.route] += 1
             rows += len(items)
-            _test_hooks(k, opts)
+            _after_batch(k, opts)
             k += 1
             yield len(items)
         # 6. Commit: the files beside first (the record vouches for them by name and size), then the
