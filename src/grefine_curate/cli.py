@@ -58,7 +58,7 @@ app.add_typer(prompts_app, name="prompts")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_ERROR_RATE = 0, 1, 2, 3
 
-PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="Preset name (sdxl, sd15, tiny) or path to a preset .toml.")]
+PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="Preset name (sdxl, sd15, tiny, reference: the authors' scripts) or path to a preset .toml.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML file overriding preset values (same tables as a preset).")]
 ModelsDirOpt = Annotated[Optional[Path], typer.Option("--models-dir", help="Local model cache (from `models pull`), for machines without internet.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a human summary.")]
@@ -474,25 +474,21 @@ def export_cmd(
 # --------------------------------------------------------------------------------------------- #
 
 
-def _job(
-    inputs, out, mode, preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
-    save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
-    models_dir, image_format, random_weights=False, input_columns=True, scores=None, refine_worst=None,
-    light_next=None, unit_rows=None,
-) -> None:
-    from grefine_curate.pipelines.job import JobConfig, run_job
+def _job(options: dict) -> None:
+    """Run or score: the command's options are the JobOptions fields (one object for both commands),
+    plus the switches that become preset overrides."""
+    from grefine_curate.pipelines.job import JobOptions, run_job
 
-    job = JobConfig(
-        inputs=list(inputs), out=str(out), mode=mode, preset=preset,
-        config_file=str(config) if config else None, executor=executor, address=address,
-        workers=workers, gpus_per_worker=gpus_per_worker, batch_size=batch_size, limit=limit,
-        save_maps=save_maps, resume=resume, force=force, max_error_rate=max_error_rate, quiet=quiet,
-        keep_images=keep_images, image_column=image_column, prompt_column=prompt_column,
-        id_column=id_column, models_dir=str(models_dir) if models_dir else None, image_format=image_format.upper(),
-        overrides=_overrides(random_weights), input_columns=input_columns,
-        scores=scores, refine_worst=refine_worst, light_next=light_next, unit_rows=unit_rows,
-    )
-    if random_weights and not quiet:
+    opts = dict(options)
+    random_weights, prompts = opts.pop("random_weights", False), opts.pop("prompts", None)
+    opts["inputs"] = list(opts["inputs"])
+    opts["config_file"] = str(opts.pop("config")) if opts.get("config") else opts.pop("config", None)
+    opts["models_dir"] = str(opts["models_dir"]) if opts.get("models_dir") else None
+    opts["image_format"] = opts.get("image_format", "PNG").upper()
+    opts["allow_paths"] = list(opts.get("allow_paths") or []) or None
+    opts["overrides"] = _overrides(random_weights, prompts)
+    job = JobOptions(**opts)
+    if random_weights and not job.quiet:
         typer.secho("note: --random-weights: full-size architectures with random weights (a benchmark and wiring "
                     "check); scores, maps and images carry no quality meaning.", err=True, fg=typer.colors.YELLOW)
     summary = run_job(job)
@@ -520,6 +516,9 @@ InputColsOpt = Annotated[bool, typer.Option("--input-columns/--no-input-columns"
 ImgColOpt = Annotated[Optional[str], typer.Option("--image-column", help="Parquet image column (default: auto: image, jpg, png, img).")]
 PromptColOpt = Annotated[Optional[str], typer.Option("--prompt-column", help="Parquet prompt column (default: auto: prompt, text, caption).")]
 IdColOpt = Annotated[Optional[str], typer.Option("--id-column", help="Parquet id column (default: auto: id, key, uid; else shard name + row index).")]
+PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="PQ prompt file (.safetensors from train-pq) instead of the preset's (as pq and eval take it).")]
+AllowPathsOpt = Annotated[Optional[list[str]], typer.Option("--allow-paths", help="A folder (repeatable) that image paths in the data may name besides the input's own folder; other paths are error rows naming them.")]
+WaitLockOpt = Annotated[float, typer.Option("--wait-lock", help="Seconds to wait when another job holds --out (default 0: refuse at once, naming it).")]
 UnitRowsOpt = Annotated[Optional[int], typer.Option("--unit-rows", help="Rows per work unit (whole Parquet row groups; the unit of scheduling, retry and resume). Default: the preset's.")]
 
 
@@ -553,6 +552,9 @@ def run(
     refine_worst: Annotated[Optional[float], typer.Option("--refine-worst", help="A budget: at most floor(F x n) of the n scored items go 'full' (the worst by the worse of their p and a percentiles; ties can take fewer), instead of the preset's fixed thresholds; without --scores the job scores everything first.")] = None,
     light_next: Annotated[Optional[float], typer.Option("--light-next", help="With --refine-worst: at most floor(G x n) more items go 'light', the next worst (default 0).")] = None,
     unit_rows: UnitRowsOpt = None,
+    prompts: PromptsOpt = None,
+    allow_paths: AllowPathsOpt = None,
+    wait_lock: WaitLockOpt = 0.0,
 ) -> None:
     """Score every image of a data set, route it, refine the low-quality ones, write everything back.
 
@@ -561,10 +563,7 @@ def run(
     """
     if mode not in ("refine", "score"):
         _fail(f"--mode must be 'refine' or 'score', got {mode!r}", EXIT_USAGE)
-    _job(inputs, out, mode, preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
-         save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
-         models_dir, image_format, random_weights, input_columns, scores, refine_worst, light_next,
-         unit_rows=unit_rows)
+    _job(dict(locals()))
 
 
 @app.command()
@@ -592,15 +591,15 @@ def score(
     models_dir: ModelsDirOpt = None,
     random_weights: RandomOpt = False,
     unit_rows: UnitRowsOpt = None,
+    prompts: PromptsOpt = None,
+    allow_paths: AllowPathsOpt = None,
+    wait_lock: WaitLockOpt = 0.0,
     refine_worst: Annotated[Optional[float], typer.Option("--refine-worst", help="Plan routes with a budget: at most this fraction F of the scored items full (the worst by the worse of their p and a percentiles), as `run --refine-worst` would; the audit is scored first into OUT/__grefine__/audit.")] = None,
     light_next: Annotated[Optional[float], typer.Option("--light-next", help="With --refine-worst: at most this fraction G light, the next worst (default 0).")] = None,
 ) -> None:
     """Score-only audit of a data set (same as `run --mode score`): ids, prompts, PQ/AQ scores and the route a
     run would take with the preset's thresholds (grefine_route, marked planned). Reuse it with `run --scores`."""
-    _job(inputs, out, "score", preset, config, executor, address, workers, gpus_per_worker, batch_size, limit,
-         save_maps, resume, force, max_error_rate, quiet, keep_images, image_column, prompt_column, id_column,
-         models_dir, "PNG", random_weights, input_columns, refine_worst=refine_worst, light_next=light_next,
-         unit_rows=unit_rows)
+    _job({**locals(), "mode": "score", "image_format": "PNG"})
 
 
 # --------------------------------------------------------------------------------------------- #

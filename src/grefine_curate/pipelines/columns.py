@@ -21,3 +21,7 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"
 ROUTES = ("skip", "light", "full", "reverted")
 MAP_SIZE = 64
+
+# Every column the job adds to a row (an input column with one of these names would be overwritten)
+ADDED = (STATUS, ERROR, ROUTE, ROUTE_PLANNED, PQ_SCORE, AQ_SCORE, PQ_SCORE_AFTER, AQ_SCORE_AFTER, UNMATCHED, SEED,
+         PQ_MAP, AQ_MAP, ID, PROMPT, SOURCE)

@@ -18,6 +18,7 @@ Steps: 1. check options  2. resolve the preset  3. find and check every input sh
 from __future__ import annotations
 
 import dataclasses
+import os
 import posixpath
 import time
 
@@ -45,6 +46,7 @@ from grefine_curate.pipelines.manifest import (
     totals,
     write_manifest,
 )
+from grefine_curate.pipelines.lock import acquire
 from grefine_curate.pipelines.limits import find_shrinks, refuse_shrink, remove_past_limit
 from grefine_curate.pipelines.models import check_weights
 from grefine_curate.pipelines.commit import clean_stale_temporaries, read_json
@@ -124,6 +126,7 @@ class JobConfig:
     engine_factory: Any = None  # callable(EngineSpec) -> Engine, picklable for Ray (default: the real models)
     batch_hook: Any = None  # callable(batch_index), picklable for Ray (faults.py)
     executor_impl: Any = None  # an object with executors.Executor's run(); overrides `executor` when given
+    wait_lock: float = 0.0  # seconds to wait for another job holding OUT (0: refuse at once, naming it)
 
 
 SEAMS = ("engine_factory", "batch_hook", "executor_impl")  # injected objects: never in the manifest or the config hash
@@ -203,6 +206,8 @@ def _check_options(cfg: JobConfig) -> None:
         bad("folder_shard_size, decode_threads and max_attempts must be at least 1")
     if cfg.threads_per_worker is not None and cfg.threads_per_worker < 1:
         bad(f"threads per worker must be at least 1 when given, got {cfg.threads_per_worker}")
+    if cfg.wait_lock < 0:
+        bad(f"--wait-lock must be >= 0 seconds, got {cfg.wait_lock}")
     if cfg.unit_rows is not None and cfg.unit_rows < 1:
         bad(f"unit rows must be at least 1 when given (--unit-rows), got {cfg.unit_rows}")
     if not cfg.out:
@@ -237,7 +242,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
     preset = resolve_preset(cfg)
     check_routing(preset.routing)
     for d in cfg.allow_paths or []:
-        if "://" not in d and not __import__("os").path.isdir(d):
+        if "://" not in d and not os.path.isdir(d):
             raise ConfigError(f"--allow-paths {d}: no such folder")
     # 3. Find and check every input shard (metadata only)
     columns = ColumnSpec(image=cfg.image_column, prompt=cfg.prompt_column, id=cfg.id_column)
@@ -256,7 +261,25 @@ def run_job(cfg: JobConfig) -> JobSummary:
     shrinks = find_shrinks(out_fs, out_root, shards, caps)  # a smaller --limit than OUT's finished rows
     keep = [i for i, (s, c) in enumerate(zip(shards, caps)) if c is None or c > 0]
     shards, caps = [shards[i] for i in keep], [caps[i] for i in keep]
-    # 3b. Thresholds and where the scores come from (--scores, --refine-worst, --light-next)
+    # 3b. One job at a time on OUT (a killed holder's lock is taken over)
+    try:
+        lock = acquire(out_fs, out_root, what=f"{cfg.mode} of {', '.join(mask_secret(i) for i in cfg.inputs[:3])}",
+                       wait_s=cfg.wait_lock)
+    except OSError as e:  # fail before any work, not after the first shard
+        if not isinstance(out_fs, pafs.LocalFileSystem):
+            raise store_error(cfg.out, e) from e
+        raise InputError(f"--out {cfg.out}: cannot create or write the output folder ({e}); "
+                         "choose a writable location") from e
+    try:
+        return _run_locked(cfg, t0, preset, image_format, shards, caps, shrinks, out_fs, out_root)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: JobConfig, t0: float, preset: Preset, image_format: str, shards: list, caps: list,
+                shrinks: list, out_fs: Any, out_root: str) -> JobSummary:
+    """Steps 3c-9 of ``run_job``, holding OUT's lock."""
+    # 3c. Thresholds and where the scores come from (--scores, --refine-worst, --light-next)
     plan = None
     if plans_routing(cfg):
         plan, stopped = plan_routing(cfg, preset, shards, caps, run=run_job)

@@ -117,6 +117,55 @@ def is_hidden_or_state(rel: str) -> bool:
     return any(p.startswith(".") or p in (STATE_DIR, LEGACY_STATE_DIR) for p in rel.split("/")) or TMP_MARK in rel
 
 
+def list_files(fs: pafs.FileSystem, root: str) -> tuple[list[pafs.FileInfo], list[str]]:
+    """(every file under ``root``, recursively; the links not followed, each with why).
+
+    On a local disk links are followed only where they stay inside ``root``: a link that leaves it,
+    or leads back to a folder already walked (a loop), is not followed, and a file reached twice
+    through links is listed once (by its first path in sorted order). Object stores have no links.
+    Raises FileNotFoundError when ``root`` does not exist."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        return [i for i in infos if i.type == pafs.FileType.File], []
+    if not os.path.isdir(root):
+        raise FileNotFoundError(root)
+    real_root = os.path.realpath(root)
+    seen_dirs, seen_files = {real_root}, set()
+    out: list[pafs.FileInfo] = []
+    skipped: list[str] = []
+
+    def walk(d: str) -> None:
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            skipped.append(f"{d} (cannot list: {e.strerror})")
+            return
+        for e in entries:
+            path = e.path.replace("\\", "/")
+            link = e.is_symlink()
+            real = os.path.realpath(path) if link else None
+            if link and not inside(real, real_root):
+                skipped.append(f"{path} (a link leaving the input, to {real})")
+                continue
+            if e.is_dir(follow_symlinks=True):
+                key = real or os.path.realpath(path)
+                if key in seen_dirs:
+                    skipped.append(f"{path} (a link back to a folder already read: a loop)")
+                    continue
+                seen_dirs.add(key)
+                walk(path)
+            elif e.is_file(follow_symlinks=True):
+                key = real or os.path.realpath(path)
+                if key in seen_files:
+                    continue  # the same file through a link: read once
+                seen_files.add(key)
+                st = e.stat(follow_symlinks=True)
+                out.append(pafs.FileInfo(path, type=pafs.FileType.File, mtime_ns=st.st_mtime_ns, size=st.st_size))
+
+    walk(root.rstrip("/") or "/")
+    return out, skipped
+
+
 # ---------------------------------------------------------------------------------------------
 # Under OUT
 

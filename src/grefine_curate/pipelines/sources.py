@@ -36,6 +36,7 @@ from grefine_curate.pipelines.paths import (  # noqa: F401 (re-exported: older i
     inside,
     is_hidden_or_state,
     join,
+    list_files,
     resolve_fs,
     safe_relpath,
     store_error,
@@ -98,14 +99,16 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
 
 def _list_files(fs: pafs.FileSystem, root: str, uri: str) -> list[pafs.FileInfo]:
     try:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        infos, skipped = list_files(fs, root)
     except FileNotFoundError:
         raise
     except OSError as e:
         if isinstance(fs, pafs.LocalFileSystem):
             raise InputError(f"{uri}: cannot list ({e})") from e
         raise store_error(uri, e) from e
-    return [i for i in infos if i.type == pafs.FileType.File]
+    if skipped:  # said, never silent
+        log.warning("%s: %d link(s) not followed, e.g. %s", uri, len(skipped), skipped[0])
+    return infos
 
 
 def _rel(root: str, path: str) -> str:
@@ -181,6 +184,11 @@ def _refuse_clashes(shards: list[Shard]) -> None:
             if key in seen and seen[key] != source:
                 clashes.append(f"the same output {key!r}: {seen[key]} and {source}")
             seen.setdefault(key, source)
+    skipped_by_readers = [k for k in seen if any(p.startswith(("_", ".")) for p in k.split("/"))]
+    if skipped_by_readers:  # pandas, pyarrow.dataset and datasets skip such names when reading OUT
+        log.warning("%d output(s) will have names that pandas / pyarrow.dataset / datasets skip when reading the "
+                    "output folder (a part starting with '_' or '.'), e.g. %s; rename the inputs to keep them "
+                    "visible, or read those files by name", len(skipped_by_readers), skipped_by_readers[0])
     if clashes:
         more = f" (and {len(clashes) - 3} more)" if len(clashes) > 3 else ""
         raise InputError(

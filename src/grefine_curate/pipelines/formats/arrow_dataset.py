@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 
 from grefine_curate.curate.errors import InputError
 from grefine_curate.pipelines.formats.base import Discovery, OutputView, stem
-from grefine_curate.pipelines.formats.parquet import TableFormat, pick_columns
+from grefine_curate.pipelines.formats.parquet import TableFormat, pick_columns, refuse_our_names
 from grefine_curate.pipelines.paths import resolve_fs, safe_relpath
 from grefine_curate.pipelines.work import Item, ProcessOptions, Shard, ShardTask
 
@@ -115,6 +115,7 @@ class ArrowDatasetFormat(TableFormat):
         finally:
             f.close()
         image_col, is_struct, prompt_col, id_col = pick_columns(info.path, schema, ctx.columns)
+        refuse_our_names(info.path, schema, False)
         return Shard(format=self.name, fs=fs, path=info.path, rel=rel, num_rows=sum(groups),
                      source_key=f"{info.size}:{info.mtime_ns}", image_column=image_col, image_is_struct=is_struct,
                      prompt_column=prompt_col, id_column=id_col, row_groups=groups)

@@ -34,7 +34,7 @@ from grefine_curate.pipelines.formats.base import (
     OutputView,
     read_file,
 )
-from grefine_curate.pipelines.paths import is_hidden_or_state, join, resolve_fs, safe_relpath
+from grefine_curate.pipelines.paths import is_hidden_or_state, join, list_files, resolve_fs, safe_relpath
 from grefine_curate.pipelines.work import FolderItem, Item, ProcessOptions, Shard, ShardTask, clean_prompt
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -51,8 +51,8 @@ def _read_text(fs: pafs.FileSystem, path: str) -> str:
 def folder_files(fs: pafs.FileSystem, root: str) -> dict[str, pafs.FileInfo]:
     """Every input file under ``root`` (recursive) keyed by its path relative to ``root``; hidden files,
     job state and temporaries left out."""
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    files = {posixpath.relpath(i.path, root): i for i in infos if i.type == pafs.FileType.File}
+    infos, _ = list_files(fs, root)  # links leaving the folder or looping are not followed
+    files = {posixpath.relpath(i.path, root): i for i in infos}
     return {r: i for r, i in files.items() if not is_hidden_or_state(r)}
 
 

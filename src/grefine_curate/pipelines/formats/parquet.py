@@ -32,6 +32,7 @@ from grefine_curate.pipelines.formats.base import (
     take_rows,
 )
 from grefine_curate.pipelines.paths import inside, join, resolve_fs, safe_relpath
+from grefine_curate.pipelines.records import RECORD_KEY
 from grefine_curate.pipelines.work import Item, ProcessOptions, Shard, ShardTask, Unit, clean_prompt
 
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes")
@@ -83,6 +84,17 @@ def pick_columns(where: str, schema: pa.Schema, columns: Any) -> tuple[str, bool
             pa.types.is_string(schema.field(c).type) or pa.types.is_large_string(schema.field(c).type)
             or pa.types.is_integer(schema.field(c).type))), None)
     return image_col, is_struct, prompt_col, id_col
+
+
+def refuse_our_names(where: str, schema: pa.Schema, ours_by_record: bool) -> None:
+    """Input columns named like the job's own would be overwritten (or, like a garbage ``pq_map``, read
+    back as ours): refused, naming them; an earlier output of this tool (its footer carries our commit
+    record) is fine, its columns are replaced (chaining jobs)."""
+    clash = [n for n in schema.names if n in C.ADDED]
+    if clash and not ours_by_record:
+        raise InputError(f"{where}: input column(s) {', '.join(clash)} have the names of columns the job writes and "
+                         "would be overwritten; rename them in the input (the job's columns are: "
+                         f"{', '.join(C.ADDED)})")
 
 
 def resolve_data_path(fs: pafs.FileSystem, shard_dir: str, path: str,
@@ -361,11 +373,13 @@ class ParquetFormat(TableFormat):
             with fs.open_input_file(info.path) as f:
                 meta = pq.ParquetFile(f).metadata
                 schema = meta.schema.to_arrow_schema()
+                ours = RECORD_KEY.encode() in (meta.metadata or {})
                 num_rows = meta.num_rows
                 row_groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"{info.path}: not a readable Parquet file ({e}); remove it from the input or repair it") from e
         image_col, is_struct, prompt_col, id_col = pick_columns(info.path, schema, columns)
+        refuse_our_names(info.path, schema, ours)
         return Shard(format=self.name, fs=fs, path=info.path, rel=rel, num_rows=num_rows,
                      source_key=f"{info.size}:{info.mtime_ns}", image_column=image_col, image_is_struct=is_struct,
                      prompt_column=prompt_col, id_column=id_col, row_groups=row_groups)
