@@ -191,6 +191,12 @@ def test_train_pq_and_prompts_import(mos_parquet, tmp_path, capsys):
     assert LearnedPrompts.load(out).ctx["overall"].shape[-1] == 32  # the tiny text width
     code, stdout, err = run_cli(["pq", str(tmp_path / "missing.png"), "--preset", "tiny", "--prompts", str(out)], capsys)
     assert code == 2
+    # run and score take --prompts like pq and eval (issue 16)
+    code, stdout, err = run_cli(["score", str(mos_parquet), "--out", str(tmp_path / "audit"), "--preset", "tiny",
+                                 "--executor", "local", "--limit", "2", "-q", "--prompts", str(out)], capsys)
+    assert code == 0, err
+    man = json.loads((tmp_path / "audit" / "__grefine__" / "manifest.json").read_text())
+    assert man["result_config"]["preset"]["pq"]["prompts"] == str(out)
     imported = tmp_path / "released.safetensors"
     from pathlib import Path
 

@@ -172,3 +172,16 @@ def test_out_as_an_s3_uri_is_never_a_local_folder(tmp_path, monkeypatch, capsys)
     assert e.value.code == 2, err
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "s3://bkt/x" in lines[0] and "http://127.0.0.1:9" in lines[0], err
+
+
+def test_a_local_ray_instance_prints_no_token_authentication_notice():
+    """Ray's notice that a local cluster uses token authentication tore the progress bar (issue 16)."""
+    import subprocess
+    import sys
+
+    script = ("from grefine_curate.pipelines.executors import init_ray\nimport ray\ninit_ray()\nray.shutdown()\n")
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Token authentication" not in r.stderr + r.stdout

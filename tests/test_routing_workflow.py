@@ -294,7 +294,9 @@ def test_report_of_a_score_run_counts_planned_routes_and_names_the_thresholds(tm
     assert "the preset&#x27;s fixed values" in page and "planned: a score run refines nothing" in page
     ok(run_job(job(tmp_path, "out", scores=str(tmp_path / "audit"), refine_worst=0.5)))
     page = (tmp_path / "out" / "__grefine__" / "report.html").read_text()
-    assert "worst 50.0% by p and by a full" in page and "scores reused from" in page
+    assert "a budget: at most 50.0% full" in page and "scores reused from" in page
+    real = manifest(tmp_path, "out")["routing"]["realised"]
+    assert f"realised {real['full']} full" in page  # what the budget gave, not only what was asked
 
 
 def test_cli_exit_2_when_the_audit_does_not_match(tmp_path, fake_engine, capsys, monkeypatch):

@@ -267,6 +267,9 @@ def init_ray(address: str | None = None) -> tuple[bool, float]:
     if address:
         ray.init(address=address, **common)
     else:
+        # A local instance keeps Ray's default token authentication; its notice that it does so is not
+        # news to a user who never configured Ray (and it tore the progress bar): kept out of the output.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="grefine-ray-", dir="/tmp"), **common)
     return True, time.perf_counter() - t0
 

@@ -399,8 +399,12 @@ def _thresholds_line(manifest: dict) -> str:
         return "-"
     nums = ", ".join(f"{k} {float(t[k]):.4f}" for k in ("light_p", "light_a", "skip_p", "skip_a") if k in t)
     if info.get("source") == "quantiles":
-        how = (f"from this data set's scores: worst {float(info['refine_worst']):.1%} by p and by a full, next "
-               f"{float(info['light_next']):.1%} light")
+        how = (f"from this data set's scores, a budget: at most {float(info['refine_worst']):.1%} full and "
+               f"{float(info['light_next']):.1%} light, worst first by the worse of each item's p and a percentiles")
+        r = info.get("realised")
+        if r:  # what the budget gave (ties can take fewer)
+            how += (f"; realised {r['full']} full ({float(r['full_fraction']):.1%}), {r['light']} light "
+                    f"({float(r['light_fraction']):.1%}), {r['skip']} skip")
     else:
         how = "the preset's fixed values"
     src = f"; scores reused from {info['scores_from']}" if info.get("scores_from") else ""
