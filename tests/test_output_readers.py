@@ -45,11 +45,14 @@ def test_out_folder_reads_with_pandas_pyarrow_and_datasets(tmp_path, mode):
 
 
 def test_out_folder_of_a_quantile_run_reads_without_its_inner_audit(tmp_path):
-    """The score pass of --refine-worst lives in OUT/__grefine__/audit: the readers skip it too."""
+    """The score pass of --refine-worst lives in OUT/__grefine__/audit, its outputs named *.scores: the readers
+    skip it, and so does a '**/*.parquet' glob (duckdb, polars)."""
     write_dataset(str(tmp_path / "in"), shards=2, rows=3)
     out = tmp_path / "out"
     _run(tmp_path, out, refine_worst=0.0)
-    assert list((out / "__grefine__" / "audit").rglob("*.parquet"))
+    assert list((out / "__grefine__" / "audit").rglob("*.scores"))
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.parquet")) == [
+        "part-a/shard-000.parquet", "part-b/shard-001.parquet"]
     assert _read_three_ways(out, tmp_path) == [6, 6, 6]
 
 

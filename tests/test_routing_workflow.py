@@ -115,7 +115,9 @@ def test_a_score_run_with_a_budget_plans_with_its_thresholds(tmp_path, fake_engi
     """plans_routing says a score run with a budget plans, plan_routing scores into OUT/__grefine__/audit
     (outputs named *.scores) and gives the budget's thresholds."""
     from grefine_curate.curate.config import resolve_preset
-    from grefine_curate.pipelines.routing_plan import check_plan_options, plan_routing, plans_routing
+    import dataclasses
+
+    from grefine_curate.pipelines.routing_plan import check_plan_options, plan_routing, plans_routing, score_pass
     from grefine_curate.pipelines.sources import ColumnSpec, discover
 
     write_dataset(str(tmp_path / "in"), shards=2, rows=10)
@@ -128,8 +130,10 @@ def test_a_score_run_with_a_budget_plans_with_its_thresholds(tmp_path, fake_engi
     with pytest.raises(ConfigError, match="--light-next must be a fraction"):
         check_plan_options(job(tmp_path, "x", mode="score", light_next=2.0))
     shards = discover(cfg.inputs, ColumnSpec(), out=cfg.out)
-    plan, stopped = plan_routing(cfg, resolve_preset("tiny"), shards, [None] * len(shards), run=run_job)
-    assert stopped is None and plan.info["source"] == "quantiles"
+    audit_uri, stopped = score_pass(cfg, run=run_job)
+    assert stopped is None
+    plan = plan_routing(dataclasses.replace(cfg, scores=audit_uri), resolve_preset("tiny"), shards, [None] * len(shards))
+    assert plan.info["source"] == "quantiles"
     import glob
 
     audit = pq.ParquetDataset(sorted(glob.glob(str(tmp_path / "plan/__grefine__/audit/**/*.scores"), recursive=True))).read().to_pydict()

@@ -497,7 +497,7 @@ def _job(options: dict) -> None:
     raise typer.Exit(summary.exit_code)
 
 
-InputsArg = Annotated[list[str], typer.Argument(help="Parquet shards or WebDataset .tar shards (file, directory searched recursively, or glob) or image folders; local paths or s3:// / gs:// URIs.")]
+InputsArg = Annotated[list[str], typer.Argument(help="Parquet shards, WebDataset .tar shards, image folders or Hugging Face save_to_disk folders (a file, a directory searched recursively, or a glob); local paths or s3:// / gs:// URIs.")]
 OutOpt = Annotated[str, typer.Option("--out", "-o", help="Output folder: a local path or a URI (s3://bucket/prefix, gs://...); never folded into a local path.")]
 ExecutorOpt = Annotated[str, typer.Option("--executor", help="ray (default; local instance or a cluster) or local (in-process).")]
 AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance).")]
@@ -513,9 +513,9 @@ ImageFormatOpt = Annotated[str, typer.Option("--image-format", help="Encoding of
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 KeepOpt = Annotated[bool, typer.Option("--keep-images", help="Score mode: also copy the image bytes to the output.")]
 InputColsOpt = Annotated[bool, typer.Option("--input-columns/--no-input-columns", help="Score mode, Parquet input: keep the input's other columns (ids, licences, ...) beside the scores (default), or write only ids, prompts and scores.")]
-ImgColOpt = Annotated[Optional[str], typer.Option("--image-column", help="Parquet image column (default: auto: image, jpg, png, img).")]
-PromptColOpt = Annotated[Optional[str], typer.Option("--prompt-column", help="Parquet prompt column (default: auto: prompt, text, caption).")]
-IdColOpt = Annotated[Optional[str], typer.Option("--id-column", help="Parquet id column (default: auto: id, key, uid; else shard name + row index).")]
+ImgColOpt = Annotated[Optional[str], typer.Option("--image-column", help="Image column of a table input (default: auto: image, img, jpg, jpeg, png, webp, image_bytes).")]
+PromptColOpt = Annotated[Optional[str], typer.Option("--prompt-column", help="Prompt column of a table input (default: auto: prompt, text, caption, txt).")]
+IdColOpt = Annotated[Optional[str], typer.Option("--id-column", help="Id column of a table input (default: auto: id, key, uid; else shard name + row index).")]
 PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="PQ prompt file (.safetensors from train-pq) instead of the preset's (as pq and eval take it).")]
 AllowPathsOpt = Annotated[Optional[list[str]], typer.Option("--allow-paths", help="A folder (repeatable) that image paths in the data may name besides the input's own folder; other paths are error rows naming them.")]
 WaitLockOpt = Annotated[float, typer.Option("--wait-lock", help="Seconds to wait when another job holds --out (default 0: refuse at once, naming it).")]

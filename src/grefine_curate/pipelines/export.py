@@ -23,7 +23,7 @@ Formats:
   (the image in its own format), ``KEY.json`` (every other column that JSON can hold),
   ``KEY.txt`` (the prompt, when there is one), ``KEY.pq_map.png`` / ``KEY.aq_map.png``.
 - ``imagefolder``: ``DIR/<image files>`` and ``DIR/metadata.jsonl`` (``file_name`` + the columns),
-  the Hugging Face imagefolder layout; maps as ``DIR/maps/KEY.pq.png`` named in ``pq_map_file_name``.
+  the Hugging Face imagefolder layout; maps as ``DIR/maps/KEY.pq_map.png`` named in ``pq_map_file_name`` (flat: no folder named after a shard).
 
 An input column named ``image`` that is not the image column is kept as ``image_input_column``.
 Binary input columns other than the image cannot go into JSON (webdataset, imagefolder): they are

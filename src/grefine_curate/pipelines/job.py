@@ -64,7 +64,14 @@ from grefine_curate.pipelines.paths import (
 from grefine_curate.pipelines.formats import get_format
 from grefine_curate.pipelines.sources import discover
 from grefine_curate.pipelines.units import UnitLedger
-from grefine_curate.pipelines.routing_plan import check_plan_options, plan_routing, plans_routing, realised_line
+from grefine_curate.pipelines.routing_plan import (
+    check_plan_options,
+    needs_score_pass,
+    plan_routing,
+    plans_routing,
+    realised_line,
+    score_pass,
+)
 from grefine_curate.pipelines.work import (  # noqa: F401 (the exit codes are the job's public names)
     EXIT_ERROR_RATE,
     EXIT_FAILURE,
@@ -86,7 +93,7 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 class JobConfig:
     """Options of one run (the CLI builds this; every field has a usable default except inputs/out)."""
 
-    inputs: list[str]  # Parquet files, directories (recursive), globs, image folders; local or s3:// gs://
+    inputs: list[str]  # files, folders (recursive) or globs of any registered format (formats/); local or s3:// gs://
     out: str  # output root (local path or URI)
     mode: str = "refine"  # "refine" | "score" (score-only audit)
     preset: str = "sdxl"  # preset name (configs/<name>.toml) or path to a .toml
@@ -107,7 +114,7 @@ class JobConfig:
     input_columns: bool = True  # score mode, Parquet input: keep the input's other columns in the output
     image_column: str | None = None  # None: first of image, img, jpg, jpeg, png, webp, image_bytes
     prompt_column: str | None = None  # None: first of prompt, text, caption, txt (none found: PQ only)
-    id_column: str | None = None  # None: "<shard relative path>#<row index>"
+    id_column: str | None = None  # None: first of id, key, uid of plain type, else "<shard relative path>#<row index>"
     models_dir: str | None = None  # local model cache (Hugging Face cache layout)
     image_format: str = "PNG"  # encoding of refined images in Parquet outputs: PNG | JPEG | WEBP
     decode_threads: int = 2  # CPU threads decoding images beside the model, per worker
@@ -117,8 +124,8 @@ class JobConfig:
     max_attempts: int = 3  # Ray: attempts of a shard whose worker died
     draft_decode: bool = True  # score mode: decode JPEGs DCT-scaled to the CLIP input size (faster)
     scores: str | None = None  # refine mode: reuse p, a, unmatched phrases from this `score` output
-    refine_worst: float | None = None  # refine mode: route full the worst fraction by p and by a (quantiles)
-    light_next: float | None = None  # refine mode: route light the next fraction
+    refine_worst: float | None = None  # a budget: at most floor(F x n) items full, worst by the worse of p/a percentiles
+    light_next: float | None = None  # with refine_worst: at most floor(G x n) more items light
     write_report: bool = True  # write OUT/__grefine__/report.html at the end (not for the inner score pass)
     output_suffix: str | None = None  # name outputs *.<suffix> instead of *.parquet (the inner score pass under OUT)
     allow_paths: list[str] | None = None  # folders that image paths in the data may name (besides the input's own)
@@ -233,7 +240,21 @@ def _row_caps(nums: list[int], limit: int | None) -> list[int | None]:
 
 
 def run_job(cfg: JobConfig) -> JobSummary:
-    """Run (or resume) a curation job. Raises ConfigError/InputError (exit 2) before any work."""
+    """Run (or resume) a curation job. Raises ConfigError/InputError (exit 2) before any work.
+
+    The orchestrator: one pass; or, for thresholds from the data (--refine-worst/--light-next without
+    --scores), a score pass into OUT/__grefine__/audit first, then this pass reading it as --scores."""
+    _check_options(cfg)
+    if needs_score_pass(cfg):
+        audit, stopped = score_pass(cfg, run=run_job)
+        if stopped is not None:
+            return stopped
+        cfg = dataclasses.replace(cfg, scores=audit)
+    return _run_pass(cfg)
+
+
+def _run_pass(cfg: JobConfig) -> JobSummary:
+    """One pass over the inputs (steps 1-9 of the module docstring)."""
     t0 = time.perf_counter()
     # 1. Check options
     _check_options(cfg)
@@ -282,9 +303,7 @@ def _run_locked(cfg: JobConfig, t0: float, preset: Preset, image_format: str, sh
     # 3c. Thresholds and where the scores come from (--scores, --refine-worst, --light-next)
     plan = None
     if plans_routing(cfg):
-        plan, stopped = plan_routing(cfg, preset, shards, caps, run=run_job)
-        if stopped is not None:
-            return stopped
+        plan = plan_routing(cfg, preset, shards, caps)
         preset = dataclasses.replace(preset, routing=plan.routing)
     # 4. Compare with OUT's manifest
     draft = preset.clip.image_size if (cfg.mode == "score" and cfg.draft_decode) else None
@@ -462,7 +481,7 @@ def _run_locked(cfg: JobConfig, t0: float, preset: Preset, image_format: str, sh
                 "executor": cfg.executor, "unit_rows": unit_rows, "units_run": report.units,
                 "units_total": units_total, "adopted": adopted},
     })
-    # 9. The HTML report: local outputs only (it embeds images read back from OUT); it never fails the job
+    # 9. The HTML report (read back through OUT's filesystem, local or a store); it never fails the job
     if cfg.write_report:
         summary.notes.append(_write_report(cfg.out))
     return summary

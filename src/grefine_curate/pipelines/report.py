@@ -48,7 +48,7 @@ from grefine_curate.pipelines.formats import get_format
 from grefine_curate.pipelines.formats.base import OutputView, take_rows
 from grefine_curate.pipelines.formats.parquet import PROMPT_COLUMN_CANDIDATES
 from grefine_curate.pipelines.job_view import open_job, outputs_of
-from grefine_curate.pipelines.paths import resolve_fs, safe_relpath
+from grefine_curate.pipelines.paths import join, resolve_fs, safe_relpath
 
 THUMB = 176  # long side of the thumbnails, pixels
 HIST_BINS = 20

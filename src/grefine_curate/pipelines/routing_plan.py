@@ -94,28 +94,35 @@ def _say(cfg: Any, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def plan_routing(cfg: Any, preset: Preset, shards: list[Shard], caps: list[int | None], run: Any):
-    """(RoutingPlan, None), or (None, the score pass's JobSummary) when that pass failed or was interrupted.
+def needs_score_pass(cfg: Any) -> bool:
+    """--refine-worst/--light-next without --scores: the thresholds need every score before the first route."""
+    return plans_routing(cfg) and cfg.scores is None
 
-    ``cfg`` is the run's JobConfig (mode "refine", or "score" with a budget: ``plans_routing``); ``run``
-    runs a job (the job passes its own ``run_job``: this module never imports the job).
-    """
 
+def score_pass(cfg: Any, run: Any) -> tuple[str, Any]:
+    """Pass 1 of a two-pass job: score everything into OUT/__grefine__/audit (a score job of its own,
+    resumable, outputs named *.scores). Returns (the audit's URI, None), or (URI, the pass's JobSummary)
+    when it stopped. ``run`` runs a job (the job's orchestrator passes ``run_job``)."""
+    out_fs, out_root = resolve_fs(cfg.out)
+    scores = fs_uri(out_fs, join(out_root, AUDIT_REL))
+    first = dataclasses.replace(
+        cfg, out=scores, mode="score", scores=None, refine_worst=None, light_next=None, keep_images=False,
+        max_error_rate=1.0, write_report=False, output_suffix=INTERNAL_SUFFIX)
+    _say(cfg, f"pass 1 of 2: scoring every image to choose the thresholds (--refine-worst/--light-next) into {scores}")
+    summary = run(first)
+    if summary.exit_code not in (EXIT_OK, EXIT_ERROR_RATE):  # error rows are judged on the refine run
+        summary.notes.append(f"the score pass of --refine-worst/--light-next stopped; rerun the same command "
+                             f"to resume it (its output: {scores})")
+        return scores, summary
+    return scores, None
+
+
+def plan_routing(cfg: Any, preset: Preset, shards: list[Shard], caps: list[int | None]) -> RoutingPlan:
+    """The thresholds of a run that reads an audit (``cfg.scores``: given, or the score pass's)."""
     q = quantile_of(cfg.refine_worst, cfg.light_next)
     columns = {"image": cfg.image_column, "prompt": cfg.prompt_column, "id": cfg.id_column}
     scores = cfg.scores
-    if scores is None:  # 1. quantiles without an audit: the score pass over everything first
-        out_fs, out_root = resolve_fs(cfg.out)
-        scores = fs_uri(out_fs, join(out_root, AUDIT_REL))
-        first = dataclasses.replace(
-            cfg, out=scores, mode="score", scores=None, refine_worst=None, light_next=None, keep_images=False,
-            max_error_rate=1.0, write_report=False, output_suffix=INTERNAL_SUFFIX)
-        _say(cfg, f"pass 1 of 2: scoring every image to choose the thresholds (--refine-worst/--light-next) into {scores}")
-        summary = run(first)
-        if summary.exit_code not in (EXIT_OK, EXIT_ERROR_RATE):  # error rows are judged on the refine run
-            summary.notes.append(f"the score pass of --refine-worst/--light-next stopped; rerun the same command "
-                                 f"to resume it (its output: {scores})")
-            return None, summary
+    assert scores is not None, "plan_routing reads an audit: run score_pass first (job.run_job does)"
     # 2. The audit: checked against this run's inputs and scoring config
     audit = open_audit(scores, shards, caps, preset, columns, cfg.save_maps)
     # 3. The thresholds
@@ -130,11 +137,11 @@ def plan_routing(cfg: Any, preset: Preset, shards: list[Shard], caps: list[int |
     check_routing(routing)
     if q is not None:
         t = info["thresholds"]
-        step = "pass 2 of 2: " if cfg.scores is None else ""
+        step = "pass 2 of 2: " if scores.rstrip("/").endswith(AUDIT_REL) else ""
         _say(cfg, f"{step}routing with thresholds from {budget.n} scored items: "
                   f"full when p < {t['light_p']:.4f} or a < {t['light_a']:.4f}; skip when p >= {t['skip_p']:.4f} "
                   f"and a >= {t['skip_a']:.4f}; {realised_line(budget.realised())}")
-    return RoutingPlan(routing=routing, audit=audit, info=info), None
+    return RoutingPlan(routing=routing, audit=audit, info=info)
 
 
 def realised_line(r: dict[str, Any]) -> str:
@@ -143,5 +150,6 @@ def realised_line(r: dict[str, Any]) -> str:
             f"({r['light_fraction']:.1%}, budget {r['light_budget']}), {r['skip']} skip")
 
 
-__all__ = ["AUDIT_REL", "RoutingPlan", "check_plan_options", "plan_routing", "plans_routing", "quantile_of",
+__all__ = ["AUDIT_REL", "RoutingPlan", "check_plan_options", "needs_score_pass", "plan_routing", "plans_routing",
+           "quantile_of", "score_pass",
            "read_score_pairs", "realised_line"]

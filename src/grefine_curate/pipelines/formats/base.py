@@ -11,7 +11,7 @@ Input protocol (what the job needs to read data it has never seen):
     read                       the items of a unit, batch by batch, in input order
 
 Output layout (what the job writes, and how its outputs are read back):
-    record_rel / output_rels   the output files of a shard under OUT (the first carries the commit record)
+    record_rel / output_files  the output files of a shard under OUT (record_rel carries the commit record)
     output_schema / output_batch   the rows written for a batch of items
     encoding                   the image format of a refined image
     open_sink                  extra files a unit writes beside its rows (a WebDataset tar), committed with them
