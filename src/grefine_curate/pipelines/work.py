@@ -52,6 +52,8 @@ class Shard:
     items: list[FolderItem] = field(default_factory=list)  # image folder: its images
     row_groups: tuple[int, ...] = ()  # table formats: rows per row group / record batch (units are whole groups)
     tar_offsets: tuple[int, ...] = ()  # webdataset: byte offset of each sample's first header
+    tar_duplicates: tuple[tuple[int, int], ...] = ()  # webdataset: (sample index, first sample with its key)
+    tar_damage: tuple[tuple[int, str], ...] = ()  # webdataset: (sample index, why): samples beside skipped bytes
     files: tuple[str, ...] = ()  # files read with it (a tar's img2dataset sidecar)
     record_rel: str = ""  # the Parquet output carrying the commit record (the format's layout names it; "" = rel)
 

@@ -10,6 +10,11 @@ sample's members unchanged and in order, except the refined image (in its member
 ``KEY.json`` (the input's fields plus the added columns); in both modes a Parquet sidecar
 ``<name>.parquet`` with a ``key`` column, the sidecar's input columns and the scores, carrying the
 commit record. Units are runs of samples starting at their first header (offsets found at discovery).
+
+Discovery reads every header (tar_shards.tar_index, GNU tar --ignore-zeros rules: concatenated tars
+read whole, a corrupt header skipped to the next valid one) and decides what needs the whole tar:
+duplicate keys and the samples beside skipped bytes are error rows whatever the unit size, and a
+duplicate key's members never enter the output tar (the first sample with the key stays).
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ from grefine_curate.pipelines.paths import join, resolve_fs, safe_relpath
 from grefine_curate.pipelines.tar_shards import (
     READ_BLOCK,
     TAR_IMAGE_EXTENSIONS,
+    TarIndex,
     TarSink,
+    TarWalk,
     concat_tars,
     iter_samples,
-    sample_offsets,
     sample_prompt,
     split_member,
+    tar_index,
 )
 from grefine_curate.pipelines.work import Item, ProcessOptions, Shard, ShardTask, Unit, clean_prompt
 
@@ -81,11 +88,12 @@ class WebDatasetFormat(Format):
         out = []
         for info in infos:
             rel = safe_relpath(posixpath.relpath(info.path, base) if base else info.path)
-            offsets = tuple(sample_offsets(fs, info.path))
+            idx = tar_index(fs, info.path)
             side = _sidecar_of(info.path)
             has_side = fs.get_file_info(side).type == pafs.FileType.File
-            out.append(Shard(format=self.name, fs=fs, path=info.path, rel=rel, num_rows=len(offsets),
-                             source_key=f"{info.size}:{info.mtime_ns}", tar_offsets=offsets,
+            out.append(Shard(format=self.name, fs=fs, path=info.path, rel=rel, num_rows=len(idx.offsets),
+                             source_key=f"{info.size}:{info.mtime_ns}", tar_offsets=idx.offsets,
+                             tar_duplicates=idx.duplicates, tar_damage=idx.damage,
                              files=(side,) if has_side else (), record_rel=stem(rel) + ".parquet"))
         return out
 
@@ -122,10 +130,13 @@ class WebDatasetFormat(Format):
         last = task.end >= shard.num_rows
         stop = task.row_cap if last else task.end
         offset = shard.tar_offsets[task.start] if task.start else 0
+        # duplicates and damage as discovery decided them over the whole tar, whatever this unit reads
+        index = TarIndex(shard.tar_offsets, shard.tar_duplicates, shard.tar_damage)
 
         def batches() -> Iterator[tuple[Any, list[Item]]]:
             batch: list[Item] = []
-            for sample in iter_samples(shard.fs, shard.path, stop=stop, start=task.start, offset=offset):
+            for sample in iter_samples(shard.fs, shard.path, stop=stop, start=task.start, offset=offset,
+                                       index=index):
                 if sample.index < task.start:
                     continue
                 prompt, meta, json_error = sample_prompt(sample)
@@ -208,20 +219,21 @@ class WebDatasetFormat(Format):
 
 
 def tar_images(fs: pafs.FileSystem, path: str, keys: set[str]) -> dict[str, tuple[bytes, str]]:
-    """{key: (image bytes, member name)} for the wanted keys, streaming the tar once (stops when all are found)."""
+    """{key: (image bytes, member name)} for the wanted keys, streaming the tar once (stops when all are
+    found); read like the job reads it (past damage, across concatenated tars), the first sample of a
+    key winning."""
     out: dict[str, tuple[bytes, str]] = {}
     if not keys:
         return out
     try:
         with fs.open_input_stream(path, buffer_size=READ_BLOCK) as f:
-            tf = tarfile.open(fileobj=f, mode="r|")
-            for ti in tf:
-                tf.members.clear()
+            walk = TarWalk(f)
+            while (ti := walk.next()[0]) is not None:
                 if not ti.isfile():
                     continue
                 key, ext = split_member(ti.name)
                 if key in keys and key not in out and ext in TAR_IMAGE_EXTENSIONS:
-                    out[key] = (tf.extractfile(ti).read(), posixpath.basename(ti.name))
+                    out[key] = (walk.read(ti), posixpath.basename(ti.name))
                     if len(out) == len(keys):
                         break
     except (OSError, tarfile.TarError, EOFError):
