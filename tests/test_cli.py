@@ -4,25 +4,11 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 
 import numpy as np
 import pytest
+from cli_runner import run_cli
 from PIL import Image
-
-from grefine_curate.cli import main
-
-
-def run_cli(args, capsys):
-    old = sys.argv
-    sys.argv = ["grefine-curate", *args]
-    try:
-        with pytest.raises(SystemExit) as e:
-            main()
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return e.value.code or 0, out.out, out.err
 
 
 @pytest.fixture(scope="module")

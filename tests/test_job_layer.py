@@ -8,7 +8,6 @@ executor: no module is monkeypatched.
 from __future__ import annotations
 
 import io
-import json
 import os
 
 import pyarrow as pa

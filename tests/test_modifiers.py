@@ -123,20 +123,11 @@ def test_presets_choose_the_options():
 
 
 def _parse_cli(args, capsys):
-    import sys
+    from cli_runner import run_cli
 
-    from grefine_curate.cli import main
-
-    old = sys.argv
-    sys.argv = ["grefine-curate", "parse", *args]
-    try:
-        with pytest.raises(SystemExit) as e:
-            main()
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    assert (e.value.code or 0) == 0, out.err
-    return out.out
+    code, out, err = run_cli(["parse", *args], capsys)
+    assert code == 0, err
+    return out
 
 
 def test_parse_cli_lists_modifiers_apart(capsys):

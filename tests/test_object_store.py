@@ -6,7 +6,6 @@ inputs; kill -9 mid-file and a rerun give every row exactly once without redoing
 from __future__ import annotations
 
 import io
-import logging
 import os
 import signal
 import subprocess
@@ -29,29 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def s3_env():
-    """A moto S3 server on 127.0.0.1 (random port) and the environment a client needs to reach it."""
-    import moto.server as moto_server  # moto[server]: in the `test` extra (pip install -e '.[test]')
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    fs = pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="testing", secret_key="testing",
-                           region="us-east-1", allow_bucket_creation=True, allow_bucket_deletion=True)
-    try:
-        yield env, fs
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
+def s3_env(s3_server):
+    return s3_server
 
 
 @pytest.fixture

@@ -517,7 +517,7 @@ ImgColOpt = Annotated[Optional[str], typer.Option("--image-column", help="Image 
 PromptColOpt = Annotated[Optional[str], typer.Option("--prompt-column", help="Prompt column of a table input (default: auto: prompt, text, caption, txt).")]
 IdColOpt = Annotated[Optional[str], typer.Option("--id-column", help="Id column of a table input (default: auto: id, key, uid; else shard name + row index).")]
 PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="PQ prompt file (.safetensors from train-pq) instead of the preset's (as pq and eval take it).")]
-AllowPathsOpt = Annotated[Optional[list[str]], typer.Option("--allow-paths", help="A folder (repeatable) that image paths in the data may name besides the input's own folder; other paths are error rows naming them.")]
+AllowPathsOpt = Annotated[Optional[list[str]], typer.Option("--allow-paths", metavar="DIR", help="A folder (repeatable) that image paths in the data may name besides the input's own folder; other paths are error rows naming them.")]
 WaitLockOpt = Annotated[float, typer.Option("--wait-lock", help="Seconds to wait when another job holds --out (default 0: refuse at once, naming it).")]
 UnitRowsOpt = Annotated[Optional[int], typer.Option("--unit-rows", help="Rows per work unit (whole Parquet row groups; the unit of scheduling, retry and resume). Default: the preset's.")]
 

@@ -6,7 +6,7 @@ when saved) from an earlier ``score`` run over the same inputs instead of comput
    AQ-Map, pixel limit, columns) equals this run's; every input shard of this run is in it, from
    the same file, unchanged since (size/mtime key of its marker), complete, and covers this run's
    rows; with ``--save-maps`` the audit saved maps too.
-2. ``read_scores`` gives every scored p and a of the run's shards (for quantile thresholds).
+2. ``routing_plan.read_score_pairs`` reads every scored (p, a) of the run's shards (for the budget).
 3. ``PriorRows`` streams one audit shard beside its input shard (both are in input order, one row
    per input row) and ``attach`` gives each item its audit scores and its route before decoding:
    an item routed ``skip`` is never decoded and never meets a model; an item to refine is decoded
@@ -103,24 +103,6 @@ def open_audit(uri: str, shards: list[Shard], caps: list[int | None], preset: Pr
     return Audit(uri=uri, root=root, fingerprint=fingerprint, has_maps=has_maps, outputs=outputs)
 
 
-def read_scores(audit: Audit, shards: list[Shard], caps: list[int | None]) -> tuple[np.ndarray, np.ndarray]:
-    """(p of every scored row, a of every scored row with a prompt) over the run's shards and row caps."""
-    fs, _ = resolve_fs(audit.uri)
-    ps, as_ = [], []
-    for shard, cap in zip(shards, caps):
-        with fs.open_input_file(join(audit.root, audit.outputs.get(shard.rel, shard.record_rel))) as f:
-            t = pq.ParquetFile(f).read(columns=[C.STATUS, C.PQ_SCORE, C.AQ_SCORE])
-        if cap is not None:
-            t = t.slice(0, cap)
-        ok = np.asarray([s == C.STATUS_OK for s in t.column(C.STATUS).to_pylist()], dtype=bool)
-        p = t.column(C.PQ_SCORE).to_numpy(zero_copy_only=False).astype(np.float64)
-        a = t.column(C.AQ_SCORE).to_numpy(zero_copy_only=False).astype(np.float64)
-        ps.append(p[ok & np.isfinite(p)])
-        as_.append(a[ok & np.isfinite(a)])
-    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
-    return cat(ps), cat(as_)
-
-
 # ---------------------------------------------------------------------------------------------
 # Per shard, inside the processor
 
@@ -204,4 +186,4 @@ class PriorRows:
         self._file.close()
 
 
-__all__ = ["Audit", "Prior", "PriorRows", "open_audit", "read_scores", "scoring_config", "stub_score", "with_prior"]
+__all__ = ["Audit", "Prior", "PriorRows", "open_audit", "scoring_config", "stub_score", "with_prior"]

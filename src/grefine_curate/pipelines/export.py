@@ -35,7 +35,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import posixpath
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -46,13 +45,13 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from grefine_curate.curate.errors import ConfigError, InputError
+from grefine_curate.curate.errors import ConfigError
 from grefine_curate.pipelines import columns as C
 from grefine_curate.pipelines.commit import AtomicFile, write_atomic
 from grefine_curate.pipelines.formats import get_format
 from grefine_curate.pipelines.formats.base import ColumnStream, OutputView
-from grefine_curate.pipelines.job_view import open_job, output_names
-from grefine_curate.pipelines.paths import inside, join, resolve_fs, safe_relpath, store_error
+from grefine_curate.pipelines.job_view import open_job
+from grefine_curate.pipelines.paths import inside, join, resolve_fs, store_error
 from grefine_curate.pipelines.where import parse_where
 
 FORMATS = ("parquet", "webdataset", "imagefolder")

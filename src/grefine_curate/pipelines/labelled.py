@@ -15,15 +15,11 @@ in ``values``: the caller decides what to skip, and reports it.
 from __future__ import annotations
 
 import math
-import posixpath
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from grefine_curate.curate.errors import InputError
 from grefine_curate.pipelines.sources import discover
 from grefine_curate.pipelines.formats import get_format
 from grefine_curate.pipelines.work import ColumnSpec, Shard

@@ -19,7 +19,14 @@ import logging
 import pyarrow.fs as pafs
 
 from grefine_curate.curate.errors import InputError
-from grefine_curate.pipelines.paths import LEGACY_REPORT_REL, LEGACY_STATE_DIR, REPORT_REL, STATE_DIR, join, report_path  # noqa: F401
+from grefine_curate.pipelines.paths import (  # noqa: F401 (REPORT_REL, report_path: re-exported)
+    LEGACY_REPORT_REL,
+    LEGACY_STATE_DIR,
+    REPORT_REL,
+    STATE_DIR,
+    join,
+    report_path,
+)
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,6 @@ from grefine_curate.pipelines.commit import ParquetFile, write_atomic
 from grefine_curate.pipelines.engines import (  # noqa: F401 (re-exported: the processor's public names)
     Engine,
     EngineSpec,
-    LazyEngine,
     ModelEngine,
     RefineRequest,
     RefineResponse,
@@ -54,7 +53,6 @@ from grefine_curate.pipelines.work import (  # noqa: F401 (re-exported)
     ShardResult,
     ShardTask,
     commit_record,
-    unit_summary,
 )
 
 

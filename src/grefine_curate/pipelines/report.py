@@ -42,13 +42,13 @@ from PIL import Image
 from grefine_curate.curate.errors import ImageError, InputError
 from grefine_curate.curate.images import decode_image
 from grefine_curate.pipelines import columns as C
-from grefine_curate.pipelines.layout import migrate_legacy_layout, report_path
+from grefine_curate.pipelines.layout import report_path
 from grefine_curate.pipelines.commit import write_atomic
 from grefine_curate.pipelines.formats import get_format
 from grefine_curate.pipelines.formats.base import OutputView, take_rows
 from grefine_curate.pipelines.formats.parquet import PROMPT_COLUMN_CANDIDATES
 from grefine_curate.pipelines.job_view import open_job, outputs_of
-from grefine_curate.pipelines.paths import join, resolve_fs, safe_relpath
+from grefine_curate.pipelines.paths import join, resolve_fs
 
 THUMB = 176  # long side of the thumbnails, pixels
 HIST_BINS = 20
@@ -75,6 +75,7 @@ class Row:
     item_id: str
     source: str | None  # folder input: image path relative to the input folder
     prompt: str | None
+    view: OutputView | None = None  # its output shard, as its format reads it back
 
 
 @dataclass
@@ -117,7 +118,7 @@ def _read_rows(fs: pafs.FileSystem, shard: ShardInfo) -> list[Row]:
         Row(shard=shard.rel, index=i, status=get(C.STATUS)[i] or C.STATUS_ERROR, error=get(C.ERROR)[i],
             route=get(C.ROUTE)[i], p=ps[i], a=as_[i], p_after=pa_[i], a_after=aa[i],
             unmatched=list(get(C.UNMATCHED)[i] or []), item_id=str(ids[i]) if ids[i] is not None else f"{shard.rel}#{i}",
-            source=get(C.SOURCE)[i], prompt=prompts[i])
+            source=get(C.SOURCE)[i], prompt=prompts[i], view=shard.view)
         for i in range(n)
     ]
 
@@ -553,15 +554,10 @@ def _route_pages(fs: pafs.FileSystem, root: str, rows: list[Row], shards: list[S
 
 
 def _location(r: Row, mode: str, manifest: dict) -> str:
-    """Where the item's final image is, relative to OUT (so a curator can find it)."""
-    rc = manifest.get("result_config") or {}
-    if r.source:
-        if mode == "refine" or rc.get("keep_images"):
-            return f"images/{safe_relpath(r.source)} (scores: {r.shard} row {r.index})"
-        return f"{r.shard} row {r.index} (image: {r.source} in the input folder)"
-    if mode == "refine" or rc.get("keep_images"):
+    """Where the item's final image is, relative to OUT (so a curator can find it): its format says."""
+    if r.view is None:
         return f"{r.shard} row {r.index}"
-    return f"{r.shard} row {r.index} (image: the same row of the input shard)"
+    return get_format(r.view.format).location(r.view, r.index, r.item_id, r.source)
 
 
 def _gallery(fs: pafs.FileSystem, root: str, chosen: list[Row], shards: list[ShardInfo], manifest: dict,
@@ -734,8 +730,7 @@ def _shard_images(fs: pafs.FileSystem, root: str, shard: ShardInfo, chosen: list
     fmt = get_format(view.format)
     try:
         rows = pa.Table.from_pylist([{} for _ in idx])
-        names = [n for n in shard.names if n in (C.SOURCE, C.KEY) or n == view.image_column or n in ("image", "img",
-                 "jpg", "jpeg", "png", "webp", "image_bytes")]
+        names = [n for n in fmt.image_keys(view, shard.names) if n in shard.names]
         if names:
             cols = {n: [v for _, v in sorted(_take(fs, shard.path, n, idx).items())] for n in names}
             order = sorted(set(idx))

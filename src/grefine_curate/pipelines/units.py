@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from grefine_curate.pipelines.commit import ParquetFile, write_atomic
 from grefine_curate.pipelines.manifest import companions_present
-from grefine_curate.pipelines.paths import UNITS_DIR, join, marker_path, part_path, parts_dir  # noqa: F401
+from grefine_curate.pipelines.paths import join, marker_path, part_path, parts_dir
 from grefine_curate.pipelines.records import read_record, record_matches
 from grefine_curate.pipelines.formats import get_format
 from grefine_curate.pipelines.work import Shard, ShardResult, ShardTask, Unit, as_result, unit_summary

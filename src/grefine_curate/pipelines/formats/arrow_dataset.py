@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from grefine_curate.curate.errors import InputError
-from grefine_curate.pipelines.formats.base import Discovery, OutputView, stem
+from grefine_curate.pipelines.formats.base import ColumnStream, Discovery, OutputView, stem
 from grefine_curate.pipelines.formats.parquet import TableFormat, pick_columns, refuse_our_names
 from grefine_curate.pipelines.paths import resolve_fs, safe_relpath
 from grefine_curate.pipelines.work import Item, ProcessOptions, Shard, ShardTask
@@ -49,30 +49,12 @@ def _batches(reader) -> Iterator[pa.RecordBatch]:
         yield from reader
 
 
-class _ArrowColumns:
-    """The input's columns in row order (ColumnStream's interface over an Arrow stream)."""
+class _ArrowColumns(ColumnStream):
+    """The input's columns in row order, over an Arrow stream."""
 
     def __init__(self, fs: pafs.FileSystem, path: str):
         self._f, reader = _open_stream(fs, path)
-        self.schema = reader.schema
-        self._it = _batches(reader)
-        self._buf: pa.Table | None = None
-
-    def take(self, n: int) -> pa.Table:
-        parts = [] if self._buf is None else [self._buf]
-        have = 0 if self._buf is None else self._buf.num_rows
-        while have < n:
-            b = next(self._it, None)
-            if b is None:
-                raise InputError("an input shard has fewer rows than its output; was it changed after the job?")
-            parts.append(pa.Table.from_batches([b]))
-            have += b.num_rows
-        t = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-        self._buf = t.slice(n) if t.num_rows > n else None
-        return t.slice(0, n)
-
-    def close(self) -> None:
-        self._f.close()
+        self._start(reader.schema, _batches(reader))
 
 
 class ArrowDatasetFormat(TableFormat):

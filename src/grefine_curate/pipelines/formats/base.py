@@ -169,6 +169,17 @@ class Format:
         (``rows`` holds their output columns, ``indices`` their positions in the shard)."""
         raise NotImplementedError
 
+    def image_keys(self, view: OutputView, names: list[str]) -> list[str]:
+        """The output columns ``images`` reads from the rows it is given."""
+        col = self.image_column(view, names)
+        return [col] if col else []
+
+    def location(self, view: OutputView, index: int, item_id: str, source: str | None) -> str:
+        """Where a row's final image is, relative to OUT (the report shows it to a curator)."""
+        if view.mode == "refine" or view.keep_images:
+            return f"{view.rel} row {index}"
+        return f"{view.rel} row {index} (image: the same row of the input shard)"
+
     def image_column(self, view: OutputView, names: list[str]) -> str | None:
         """The column of the output rows (or the merged input) that holds the image (None: kept elsewhere)."""
         return None
@@ -220,8 +231,12 @@ class ColumnStream:
     def __init__(self, fs: pafs.FileSystem, path: str, columns: list[str] | None = None, batch_rows: int = 256):
         self._f = fs.open_input_file(path)
         pf = pq.ParquetFile(self._f)
-        self.schema = pf.schema_arrow if columns is None else pa.schema([pf.schema_arrow.field(c) for c in columns])
-        self._it = pf.iter_batches(batch_size=batch_rows, columns=columns)
+        schema = pf.schema_arrow if columns is None else pa.schema([pf.schema_arrow.field(c) for c in columns])
+        self._start(schema, pf.iter_batches(batch_size=batch_rows, columns=columns))
+
+    def _start(self, schema: pa.Schema, batches) -> None:
+        self.schema = schema
+        self._it = iter(batches)
         self._buf: pa.Table | None = None
 
     def take(self, n: int) -> pa.Table:

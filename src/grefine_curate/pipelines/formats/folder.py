@@ -18,7 +18,6 @@ import json
 import logging
 import posixpath
 from collections.abc import Iterator
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -250,6 +249,14 @@ class ImageFolderFormat(Format):
         write_atomic(fs, join(root, "metadata.jsonl"), ("\n".join(lines) + "\n").encode())
 
     # ---- reading back
+
+    def image_keys(self, view, names):
+        return [C.SOURCE]
+
+    def location(self, view, index, item_id, source):
+        if view.mode == "refine" or view.keep_images:
+            return f"{IMAGES_DIR}/{safe_relpath(source or item_id)} (scores: {view.rel} row {index})"
+        return f"{view.rel} row {index} (image: {source or item_id} in the input folder)"
 
     def images(self, view: OutputView, rows: pa.Table, indices: list[int], final: bool):
         sources = rows.column(C.SOURCE).to_pylist()

@@ -206,6 +206,15 @@ class WebDatasetFormat(Format):
 
     # ---- reading back
 
+    def image_keys(self, view, names):
+        return [C.KEY]
+
+    def location(self, view, index, item_id, source):
+        record = stem(view.rel) + ".parquet"
+        if view.mode == "refine":
+            return f"{view.rel}, sample {item_id} (scores: {record} row {index})"
+        return f"{record} row {index} (image: sample {item_id} of the input tar)"
+
     def images(self, view: OutputView, rows: pa.Table, indices: list[int], final: bool):
         keys = [str(k) for k in rows.column(C.KEY).to_pylist()]
         if final and view.mode == "refine":
