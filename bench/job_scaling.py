@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from job_throughput import PROMPTS, make_images  # noqa: E402  (same data generator)
-from grefine_curate.pipelines.sources import STATE_DIR  # noqa: E402
+from grefine_curate.pipelines.paths import STATE_DIR  # noqa: E402
 
 BATCH = 16
 
