@@ -184,3 +184,39 @@ def test_a_local_ray_instance_prints_no_token_authentication_notice():
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Token authentication" not in r.stderr + r.stdout
+
+
+class _Watching(FakeEngine):
+    """Records, at each scoring call, whether the next batch's items were already decoded."""
+
+    def __init__(self, items, wait_s: float = 0.0):
+        super().__init__()
+        self.items, self.wait_s, self.next_decoded = items, wait_s, []
+
+    def score(self, images, prompts):
+        import time
+
+        k = len(self.next_decoded)  # batch k is being scored (batch size 1)
+        if k + 1 < len(self.items):
+            t0 = time.monotonic()
+            while self.items[k + 1].image is None and time.monotonic() - t0 < self.wait_s:
+                time.sleep(0.01)
+            self.next_decoded.append(self.items[k + 1].image is not None)
+        return super().score(images, prompts)
+
+
+@pytest.mark.parametrize("side,ahead", [(40, True), (70, False)])
+def test_decoded_pixels_stay_within_one_batch_at_the_pixel_limit(side, ahead):
+    """Issue 15: a batch is decoded ahead of the model only while both fit max_pixels x batch_size."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fs = pafs.PyFileSystem(pafs.FSSpecHandler(MemoryFileSystem()))
+    shard = Shard(format="imagefolder", fs=fs, path="/in", rel="scores/m-00000.parquet", num_rows=3, source_key="k")
+    items = [Item(item_id=f"x{i}.png", prompt="a red car", raw=encode(rgb(i, (side, side))), source=f"x{i}.png")
+             for i in range(3)]
+    engine = _Watching(items, wait_s=2.0 if ahead else 0.3)
+    opts = ProcessOptions(mode="score", batch_size=1, max_pixels=80 * 80)  # 40x40 twice fits; 70x70 once only
+    events = list(process_unit(ShardTask(shard=shard, out_fs=fs, out_root="/o"), None,
+                               iter([(None, [it]) for it in items]), engine, opts))
+    assert engine.next_decoded == [ahead, ahead]
+    assert events[-1].rows == 3

@@ -240,6 +240,23 @@ def output_schema(task: ShardTask, input_schema: pa.Schema | None, opts: Process
     return get_format(task.shard.format).output_schema(task.shard, input_schema, _score_fields(opts, opts.mode == "refine"), opts)
 
 
+def _pixels(items: list[Item], opts: ProcessOptions) -> int:
+    """Pixels the batch will hold once decoded, from the headers (a header that cannot be read counts
+    as nothing: that item becomes an error row without decoding)."""
+    from grefine_curate.curate.images import image_size_from_header
+
+    n = 0
+    for it in items:
+        if it.raw is None or not it.needs_pixels or it.source_error is not None:
+            continue
+        try:
+            w, h = image_size_from_header(it.raw)
+        except Exception:  # noqa: BLE001 - the decoder says why, item by item
+            continue
+        n += min(w * h, opts.max_pixels + 1)  # over the limit: refused from its header, never decoded
+    return n
+
+
 def _after_batch(batch_index: int, opts: ProcessOptions) -> None:
     if opts.batch_hook is not None:  # injected (faults.py: delays, a dying worker); picklable, so it reaches Ray actors
         opts.batch_hook(batch_index)
@@ -293,14 +310,28 @@ def process_unit(task: ShardTask, in_schema: pa.Schema | None, batches, engine: 
                 prior.attach(items, routing, refine=True)
             return raw_batch, items, [pool.submit(_decode, it, opts) for it in items]
 
+        # Memory: decoded pixels held at once stay within one batch at the pixel limit
+        # (max_pixels x batch_size). Small images are decoded a batch ahead; a next batch that would
+        # take the two over that budget is decoded only after the current one is released.
+        budget = opts.max_pixels * opts.batch_size
         it_batches = iter(batches)
         nxt = next(it_batches, None)
         pending = submit(nxt) if nxt is not None else None
+        size = _pixels(pending[1], opts) if pending is not None else 0
         k = 0
         while pending is not None:
             raw_batch, items, futs = pending
             nxt = next(it_batches, None)
-            pending = submit(nxt) if nxt is not None else None
+            later = None
+            if nxt is not None:
+                nxt_size = _pixels(nxt[1], opts)
+                if size + nxt_size <= budget:
+                    pending = submit(nxt)
+                else:
+                    pending, later = None, nxt
+                size = nxt_size
+            else:
+                pending = None
             for fu in futs:
                 fu.result()
             # 3-4. Models
@@ -317,6 +348,8 @@ def process_unit(task: ShardTask, in_schema: pa.Schema | None, batches, engine: 
                 if ok and item.route:
                     routes[item.route] += 1
             rows += len(items)
+            if later is not None:  # the next batch was too big to decode beside this one: now
+                pending = submit(later)
             _after_batch(k, opts)
             k += 1
             yield len(items)
