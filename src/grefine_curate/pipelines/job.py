@@ -10,9 +10,11 @@ entry point; it returns a ``JobSummary`` whose ``exit_code`` follows the documen
     3  done, but the error rate exceeded ``max_error_rate``
     130 interrupted (Ctrl-C): a clean stop, finished shards kept
 
-Steps: 1. check options  2. resolve the preset  3. find and check every input shard
-4. compare with OUT's manifest (refuse a config change unless ``force``)  5. clean stale temporaries
-6. skip complete shards (resume)  7. run the executor  8. write the manifest, return the summary.
+Steps: 1. check options  2. resolve the preset  3. find and check every input shard (formats/)
+3b. take OUT's lock  3c. thresholds from an audit  4. compare with OUT's manifest (refuse a config
+change unless ``force``)  5. clean stale temporaries  6. skip complete shards (resume)  7. run the
+executor  8. write the manifest, return the summary  9. the report. ``run_job`` orchestrates: a
+score pass first when the thresholds come from the data (routing_plan.py), then this pass.
 """
 
 from __future__ import annotations
@@ -21,20 +23,22 @@ import dataclasses
 import os
 import posixpath
 import time
-
-import pyarrow.fs as pafs
 from dataclasses import dataclass, field
 from typing import Any
+
+import pyarrow.fs as pafs
 
 from grefine_curate.curate import config
 from grefine_curate.curate.config import Preset
 from grefine_curate.curate.errors import ConfigError, InputError
 from grefine_curate.curate.routing import check_routing
-from grefine_curate.pipelines.layout import migrate_legacy_layout
-from grefine_curate.pipelines.thresholds import describe as describe_routing
-from grefine_curate.pipelines.commit import try_delete
+from grefine_curate.pipelines.commit import clean_stale_temporaries, read_json, try_delete
+from grefine_curate.pipelines.engines import EngineSpec
 from grefine_curate.pipelines.executors import ExecReport, Progress
-from grefine_curate.pipelines.paths import marker_path
+from grefine_curate.pipelines.formats import get_format
+from grefine_curate.pipelines.layout import migrate_legacy_layout
+from grefine_curate.pipelines.limits import find_shrinks, refuse_shrink, remove_past_limit
+from grefine_curate.pipelines.lock import acquire
 from grefine_curate.pipelines.manifest import (
     check_config,
     config_hash,
@@ -46,24 +50,18 @@ from grefine_curate.pipelines.manifest import (
     totals,
     write_manifest,
 )
-from grefine_curate.pipelines.lock import acquire
-from grefine_curate.pipelines.limits import find_shrinks, refuse_shrink, remove_past_limit
 from grefine_curate.pipelines.models import check_weights
-from grefine_curate.pipelines.commit import clean_stale_temporaries, read_json
-from grefine_curate.pipelines.engines import EngineSpec
 from grefine_curate.pipelines.paths import (
     STATE_DIR,
     TMP_MARK,
     fs_uri,
     join,
+    marker_path,
     mask_secret,
     reachable,
     resolve_fs,
     store_error,
 )
-from grefine_curate.pipelines.formats import get_format
-from grefine_curate.pipelines.sources import discover
-from grefine_curate.pipelines.units import UnitLedger
 from grefine_curate.pipelines.routing_plan import (
     check_plan_options,
     needs_score_pass,
@@ -72,6 +70,9 @@ from grefine_curate.pipelines.routing_plan import (
     realised_line,
     score_pass,
 )
+from grefine_curate.pipelines.sources import discover
+from grefine_curate.pipelines.thresholds import describe as describe_routing
+from grefine_curate.pipelines.units import UnitLedger
 from grefine_curate.pipelines.work import (  # noqa: F401 (the exit codes are the job's public names)
     EXIT_ERROR_RATE,
     EXIT_FAILURE,

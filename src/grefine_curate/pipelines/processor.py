@@ -3,14 +3,14 @@ shard's output file and marker when the unit is the whole shard, else the unit's
 
 This is the step both executors run (in-process, or inside a Ray actor). Per batch of rows:
 
-    1. read raw rows (Parquet row batches of the unit's row groups / folder files / tar samples), in
-       input order
+    1. read raw rows in input order: the shard's format reads them (formats/: ``read``), or any
+       iterator of (raw batch, items) handed to ``process_unit`` (an in-memory reader in tests)
     2. decode images on a CPU thread pool, one batch ahead of the model (decode k+1 while the model
-       runs batch k)
+       runs batch k) while the two batches fit max_pixels x batch_size decoded pixels
     3. score: PQ-Map p, P and AQ-Map a, A (paper sec. 3.1-3.2); a null or empty prompt gives PQ only
     4. refine mode: route by (p, a) and run the balanced refiner (paper sec. 3.3) on light/full items
-    5. append the rows to the output, written under a temporary name (a WebDataset tar: the sidecar,
-       and in refine mode the mirrored tar, sample by sample)
+    5. append the rows to the output, written under a temporary name, laid out by the format (a
+       WebDataset tar: the sidecar, and in refine mode the mirrored tar through the format's sink)
 
 When every row is written, the footer gets the commit record (records.py), the file is renamed into
 place and, for a whole shard, its marker is written (all atomic), so a killed job leaves either a
