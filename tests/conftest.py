@@ -104,3 +104,15 @@ def s3_server():
             else:
                 os.environ[k] = v
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    """A 80x48 random RGB PNG (the CLI tests' one image)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("img") / "cat.png"
+    Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(path)
+    return path

@@ -11,14 +11,6 @@ from cli_runner import run_cli
 from PIL import Image
 
 
-@pytest.fixture(scope="module")
-def image_file(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("img") / "cat.png"
-    Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(path)
-    return path
-
-
 def test_version(capsys):
     code, out, _ = run_cli(["--version"], capsys)
     assert code == 0 and out.startswith("grefine-curate ")

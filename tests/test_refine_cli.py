@@ -10,14 +10,6 @@ from cli_runner import run_cli
 from PIL import Image
 
 
-@pytest.fixture(scope="module")
-def image_file(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("img") / "cat.png"
-    Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(path)
-    return path
-
-
 def _refine(image_file, tmp_path, capsys, routing: str, *extra: str) -> dict:
     cfg = tmp_path / "routing.toml"
     cfg.write_text(f"[routing]\n{routing}\n")
