@@ -99,6 +99,7 @@ def test_score_with_a_budget_plans_routes_with_its_thresholds(tmp_path, fake_eng
     """`score --refine-worst F --light-next G`: the planned routes are the budget's (issue 16)."""
     write_dataset(str(tmp_path / "in"), shards=2, rows=10)
     s = ok(run_job(job(tmp_path, "o", mode="score", refine_worst=0.2, light_next=0.3)))
+    assert sum(fake_engine.batches) == 20  # scored once (the audit pass); the planned run reuses its scores
     man = manifest(tmp_path, "o")
     assert man["routing"]["planned"] is True and man["routing"]["source"] == "quantiles"
     t = RoutingConfig(**{k: man["routing"]["thresholds"][k] for k in ("skip_p", "skip_a", "light_p", "light_a")})

@@ -383,8 +383,8 @@ def _run_locked(cfg: JobConfig, t0: float, preset: Preset, image_format: str, sh
                           max_pixels=preset.max_pixels,
                           draft_size=draft, decode_threads=cfg.decode_threads, seed=preset.seed,
                           fingerprint=fingerprint, routing=preset.routing,
-                          scores_uri=plan.audit.uri if plan is not None and cfg.mode == "refine" else None,
-                          scores_maps=plan.audit.has_maps if plan is not None and cfg.mode == "refine" else False,
+                          scores_uri=plan.audit.uri if plan is not None else None,  # both modes: scored once
+                          scores_maps=plan.audit.has_maps if plan is not None else False,
                           allow_paths=tuple(cfg.allow_paths or ()), batch_hook=cfg.batch_hook)
     spec = EngineSpec(preset=preset, mode=cfg.mode, models_dir=cfg.models_dir, factory=cfg.engine_factory)
     todo_rows = sum(t.rows for t in tasks)

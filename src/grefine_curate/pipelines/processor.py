@@ -293,7 +293,7 @@ def process_unit(task: ShardTask, in_schema: pa.Schema | None, batches, engine: 
     routes: Counter[str] = Counter()
     rows = 0
     prior = None
-    if opts.scores_uri is not None and opts.mode == "refine":
+    if opts.scores_uri is not None:  # refine: only what it refines is decoded; score: nothing is scored again
         from grefine_curate.pipelines.audit import PriorRows
 
         prior = PriorRows(opts.scores_uri, shard.rel, opts.scores_maps, start=task.start)
@@ -307,7 +307,7 @@ def process_unit(task: ShardTask, in_schema: pa.Schema | None, batches, engine: 
         def submit(entry):
             raw_batch, items = entry
             if prior is not None:  # audit scores and routes first: skip items are never decoded
-                prior.attach(items, routing, refine=True)
+                prior.attach(items, routing, refine=opts.mode == "refine")
             return raw_batch, items, [pool.submit(_decode, it, opts) for it in items]
 
         # Memory: decoded pixels held at once stay within one batch at the pixel limit
