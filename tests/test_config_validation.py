@@ -50,6 +50,9 @@ def config_error(tmp_path, toml: str, name: str = "c.toml") -> str:
     ("[clip]\nimage_size = 224.0\n", "[clip] image_size must be an integer"),
     ("refiner = 3\n", "[refiner] must be a table, got 3"),
     ("[refiner]\nsteps = {a = 1}\n", "[refiner] steps must be an integer in [1, 1000], got a table"),
+    ('[aq]\nmodifiers = "strp"\n', "[aq] modifiers must be one of strip, keep Did you mean 'strip'"),
+    ('[aq]\nnoun = "last"\n', "[aq] noun must be one of chunk-head, last-noun"),
+    ('[aq]\nparents = "words"\n', "[aq] parents must be one of position, word-text"),
 ])
 def test_a_bad_value_is_one_line_naming_the_file_table_and_key(tmp_path, toml, says):
     assert says in config_error(tmp_path, toml)
