@@ -94,18 +94,19 @@ def test_paths_in_data_are_read_only_inside_the_input_folder_unless_allowed(tmp_
     (tmp_path / "data" / "notes.txt").write_text("root:x:0:0:root:/root:/bin/bash\n")
     cells = [{"bytes": None, "path": p} for p in
              ("img/ok.png", "../secret/private.png", str(tmp_path / "secret" / "creds.txt"), "/etc/passwd",
-              "notes.txt")]
+              "notes.txt", "nosuchscheme://bucket/x.png")]
     _struct_shard(tmp_path / "data" / "s.parquet", cells)
     s = run_job(_cfg(tmp_path / "data" / "s.parquet", tmp_path / "out"))
     out = _rows(tmp_path / "out" / "s.parquet")
-    assert out[C.STATUS] == ["ok", "error", "error", "error", "error"]
+    assert out[C.STATUS] == ["ok", "error", "error", "error", "error", "error"]  # a bad URI is a row, not a dead unit
+    assert "nosuchscheme://bucket/x.png" in out[C.ERROR][5]
     assert "../secret/private.png" in out[C.ERROR][1] and "--allow-paths" in out[C.ERROR][1]
     assert "/etc/passwd" in out[C.ERROR][3]
     text = json.dumps(out[C.ERROR])
     assert "root:x" not in text and "AWS_SECR" not in text and "72 6f 6f 74" not in text  # no bytes of any file
     allowed = run_job(_cfg(tmp_path / "data" / "s.parquet", tmp_path / "out2", allow_paths=[str(tmp_path / "secret")]))
     assert _rows(tmp_path / "out2" / "s.parquet")[C.STATUS][:2] == ["ok", "ok"]
-    assert s.rows == allowed.rows == 5
+    assert s.rows == allowed.rows == 6
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ was allowed (``--allow-paths``). Units are whole row groups.
 
 from __future__ import annotations
 
+import functools
 import json
 import posixpath
 from typing import Any, Iterator, Sequence
@@ -104,18 +105,29 @@ def resolve_data_path(fs: pafs.FileSystem, shard_dir: str, path: str,
     Relative paths are taken from the shard's folder and must stay inside it; absolute paths and URIs
     must lie below the shard's folder or a folder the user allowed (``--allow-paths``)."""
     if "://" in path:
-        target_fs, target = resolve_fs(path)
+        try:
+            target_fs, target = resolve_fs(path)
+        except InputError:
+            return f"its path {path!r} is a URI this build cannot open; store the image bytes instead"
         where = path
     else:
         target_fs = fs
         target = posixpath.normpath(path if path.startswith("/") else join(shard_dir, path))
         where = target
-    for root in [shard_dir, *allow]:
-        root_fs, root_path = (fs, shard_dir) if root is shard_dir else resolve_fs(root)
-        if type(root_fs) is type(target_fs) and inside(target, root_path.rstrip("/") or "/"):
+    roots = [(type(fs), shard_dir)] + [_allowed_root(r) for r in allow]
+    for root_type, root_path in roots:
+        if root_type is type(target_fs) and inside(target, root_path.rstrip("/") or "/"):
             return target_fs, target
     return (f"its path {path!r} lies outside the input's folder {shard_dir} ({where}); pass --allow-paths "
             f"with a folder above it to read it")
+
+
+@functools.lru_cache(maxsize=64)
+def _allowed_root(root: str) -> tuple[type, str]:
+    """(filesystem type, path) of an --allow-paths folder: resolved once, not per item (an s3:// root
+    would build a client each time)."""
+    fs, path = resolve_fs(root)
+    return type(fs), path
 
 
 def read_by_path(fs: pafs.FileSystem, shard_dir: str, item_id: str, path: str,

@@ -19,6 +19,7 @@ duplicate key's members never enter the output tar (the first sample with the ke
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import tarfile
 from typing import Any, Iterator
@@ -44,6 +45,9 @@ from grefine_curate.pipelines.tar_shards import (
     tar_index,
 )
 from grefine_curate.pipelines.work import Item, ProcessOptions, Shard, ShardTask, Unit, clean_prompt
+
+
+log = logging.getLogger(__name__)
 
 
 def _sidecar_of(path: str) -> str:
@@ -109,9 +113,13 @@ class WebDatasetFormat(Format):
         try:
             with shard.fs.open_input_file(shard.files[0]) as f:
                 t = pq.ParquetFile(f).read()
-        except (OSError, pa.ArrowInvalid):
+        except (OSError, pa.ArrowInvalid) as e:  # the samples are still read; only the metadata is missing
+            log.warning("%s: its sidecar %s cannot be read (%s); its columns are not carried into the output",
+                        shard.path, shard.files[0], type(e).__name__)
             return None, {}
         if C.KEY not in t.column_names:
+            log.warning("%s: its sidecar %s has no %r column to match samples by; its columns are not carried",
+                        shard.path, shard.files[0], C.KEY)
             return None, {}
         keep = [n for n in t.column_names if n not in (C.KEY,) and not n.startswith(("pq_", "aq_", "grefine_"))
                 and n not in (C.PROMPT, C.UNMATCHED)]
