@@ -65,6 +65,25 @@ def test_parse_human(capsys):
     assert code == 0 and "cat" in out and "cleaned" in out
 
 
+def test_maps_and_masks_are_written_at_the_images_size_when_computed_smaller(image_file, tmp_path, capsys):
+    """Maps are computed at most map_max_side long (issue 15, memory); --save-map and --save-mask
+    still write files of the image's own size, the mask black and white."""
+    cfg = tmp_path / "small-maps.toml"
+    cfg.write_text("map_max_side = 20\n[routing]\nskip_a = 1.0\nlight_a = 1.0\n")
+    for cmd, extra in (("pq", []), ("aq", ["--prompt", "a red cat on a blue sofa"])):
+        code, out, err = run_cli([cmd, str(image_file), "--preset", "tiny", "--config", str(cfg), "--json",
+                                  "--save-map", str(tmp_path / f"{cmd}.png"), *extra], capsys)
+        assert code == 0, err
+        assert Image.open(tmp_path / f"{cmd}.png").size == (80, 48)
+    assert json.loads(out)["map_size"] == [12, 20]  # aq --json: the size it was computed at
+    code, out, err = run_cli(["refine", str(image_file), "--prompt", "a red cat", "--preset", "tiny", "--config",
+                              str(cfg), "--out", str(tmp_path / "r.png"), "--save-mask", str(tmp_path / "m.png"),
+                              "--json"], capsys)
+    assert code == 0, err
+    mask = Image.open(tmp_path / "m.png")
+    assert mask.size == (80, 48) and set(np.unique(np.asarray(mask))) <= {0, 255}
+
+
 def test_refine_writes_original_size(image_file, tmp_path, capsys):
     out_path = tmp_path / "refined.png"
     mask_path = tmp_path / "mask.png"

@@ -220,3 +220,55 @@ def test_decoded_pixels_stay_within_one_batch_at_the_pixel_limit(side, ahead):
                                iter([(None, [it]) for it in items]), engine, opts))
     assert engine.next_decoded == [ahead, ahead]
     assert events[-1].rows == 3
+
+
+class _Reducing(FakeEngine):
+    """Refines from a reduced image (``refine_input``) and records, at each refine call, the chunk,
+    how many of the batch's full-size originals are still held, and whether the items refined
+    before were already encoded (their full-size outputs gone)."""
+
+    def __init__(self, items):
+        super().__init__()
+        self.items, self.calls = items, []
+
+    def refine_input(self, image):
+        return image.resize((16, 16))
+
+    def refine(self, requests):
+        full = self.items[0].size
+        self.calls.append({
+            "chunk": [r.item_id for r in requests],
+            "originals": sum(it.image is not None and it.image.size == full for it in self.items),
+            "earlier_encoded": [it.encoded is not None and it.refined is None
+                                for it in self.items if it.item_id in self.refined],
+        })
+        outs = super().refine(requests)
+        for r, o in zip(requests, outs):
+            if o.image is not None:
+                o.image = o.image.resize(r.size)  # back to the original's size, as the refiner does
+        return outs
+
+
+@pytest.mark.parametrize("side,chunks", [(70, [1, 1, 1]), (30, [3])])
+def test_refinement_holds_one_full_size_output_at_a_time_at_the_pixel_limit(side, chunks):
+    """Issue 15: once scored, a refined item's original is reduced to where refinement starts, and
+    refinement runs in chunks of at most one image at the pixel limit, each encoded before the next."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fs = pafs.PyFileSystem(pafs.FSSpecHandler(MemoryFileSystem()))
+    shard = Shard(format="imagefolder", fs=fs, path="/in", rel="out/m-00000.parquet", num_rows=3, source_key="k")
+    items = [Item(item_id=f"x{i}.png", prompt="a red car", raw=encode(rgb(i, (side, side))), source=f"x{i}.png")
+             for i in range(3)]
+    engine = _Reducing(items)
+    opts = ProcessOptions(mode="refine", batch_size=3, max_pixels=70 * 70)
+    events = list(process_unit(ShardTask(shard=shard, out_fs=fs, out_root="/o"), None, iter([(None, items)]),
+                               engine, opts))
+    assert events[-1].rows == 3 and events[-1].status == {"ok": 3}
+    assert [len(c["chunk"]) for c in engine.calls] == chunks
+    assert all(c["originals"] == 0 for c in engine.calls)  # every original released before refining
+    assert all(all(c["earlier_encoded"]) for c in engine.calls)
+    written = [it.item_id for it in items if it.route in ("light", "full")]
+    assert written and sorted(engine.refined) == sorted(written)
+    for rel in written:
+        with fs.open_input_stream(f"/o/images/{rel}") as f:
+            assert Image.open(io.BytesIO(f.read())).size == (side, side)  # outputs at the original size

@@ -67,6 +67,18 @@ def test_dilation_is_a_disk_and_feathering_stays_inside_it():
     np.testing.assert_array_equal(feather_mask(P, None, cfg), pair.soft)
 
 
+def test_dilation_and_feather_are_image_pixels_on_a_reduced_map():
+    """Maps reduced to map_max_side: dilate and feather (image pixels) shrink with them (scale)."""
+    P = np.ones((41, 41), np.float32)
+    P[20, 20] = 0.0
+    pair = build_mask_pair(P, None, MaskConfig(dilate=8, feather=4), scale=0.5)  # the map is half the image
+    dist = np.hypot(*(np.mgrid[:41, :41] - 20))
+    np.testing.assert_array_equal(pair.binary, dist <= 4)  # 8 image pixels = 4 map pixels
+    assert (pair.soft[dist <= 2] == 1).all() and 0 < pair.soft[20, 23] < 1
+    with pytest.raises(ValueError, match="scale"):
+        build_mask_pair(P, None, MaskConfig(), scale=0.0)
+
+
 def test_feather_wider_than_dilation_reaches_inside():
     P = np.ones((41, 41), np.float32)
     P[10:31, 10:31] = 0.0  # a 21x21 bad square

@@ -17,6 +17,7 @@ from PIL import Image
 from grefine_curate.curate.config import RoutingConfig, load_preset
 from grefine_curate.curate.errors import ConfigError
 from grefine_curate.curate.refiner import (BalancedRefiner, RefineItem, encode_refinement_prompts, item_seed,
+                                           refine_input,
                                            parse_emphasis, processing_size, token_weights)
 from grefine_curate.curate.masks import split_steps, stage1_strength
 from grefine_curate.curate.routing import choose_route
@@ -347,12 +348,41 @@ def test_odd_non_square_sizes_come_back_at_their_size(pipes, tiny_cfg, w, h):
 def test_bad_inputs_name_the_item(pipes, tiny_cfg):
     refiner = BalancedRefiner(tiny_cfg, ROUTING, pipelines=pipes)
     item = make_item()
-    bad = replace(item, P=np.zeros((10, 10), np.float32))
-    with pytest.raises(ValueError, match=r"item 1: P has shape \(10, 10\)"):
+    h, w = item.P.shape
+    bad = replace(item, P=np.zeros((h // 2, w), np.float32))  # a reduction must keep the image's aspect
+    with pytest.raises(ValueError, match=rf"item 1: P has shape \({h // 2}, {w}\)"):
         refiner.refine([item, bad])
+    small = replace(item, P=np.zeros((h // 2, w // 2), np.float32))  # a reduced P needs an A of its size
+    with pytest.raises(ValueError, match=r"item 1: A has shape .* but P has"):
+        refiner.refine([item, small])
     with pytest.raises(ValueError, match="route 'heavy'"):
         refiner.refine([replace(item, route="heavy")])
     with pytest.raises(ValueError, match="RGB"):
         refiner.refine([replace(item, image=item.image.convert("L"))])
     with pytest.raises(ValueError, match="a must be"):
         refiner.refine([replace(item, a=1.5)])
+
+
+def test_refining_from_refine_input_gives_the_same_result_and_maps_may_be_reduced(pipes, tiny_cfg):
+    """Issue 15 (memory): a caller may drop a large original once it has refine_input's reduction
+    (RefineItem.output_size = the original's size): the result is the same, pixel for pixel. Maps
+    reduced to map_max_side (same aspect) are accepted; the mask comes back at the maps' size."""
+    from grefine_curate.curate.surgery import map_size
+
+    refiner = BalancedRefiner(tiny_cfg, ROUTING, pipelines=pipes)
+    item = make_item(w=200, h=120, route="full")  # larger than the tiny preset's 64 px processing size
+    (whole,) = refiner.refine([item])
+    reduced = refine_input(item.image, tiny_cfg.resolution)
+    assert reduced.size == (64, 40)
+    (from_reduced,) = refiner.refine([replace(item, image=reduced, output_size=item.image.size)])
+    assert whole.route == from_reduced.route == "full"
+    assert from_reduced.image.size == (200, 120)
+    np.testing.assert_array_equal(np.asarray(whole.image), np.asarray(from_reduced.image))
+    assert refine_input(reduced, tiny_cfg.resolution) is reduced  # never enlarged
+
+    h, w = map_size(120, 200, 50)
+    P = np.asarray(Image.fromarray(item.P, "F").resize((w, h), Image.BILINEAR))
+    (small_maps,) = refiner.refine([replace(item, P=P, A=np.zeros((h, w), np.float32))])
+    assert small_maps.route == "full" and small_maps.image.size == (200, 120)
+    assert small_maps.mask.shape == (h, w)
+    assert small_maps.mask_area == pytest.approx(whole.mask_area, abs=0.05)

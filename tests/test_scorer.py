@@ -50,3 +50,25 @@ def test_rescore_returns_p_and_a(scorer):
     assert scorer.rescore(_images()[:1], [None])[0][1] is None
     with pytest.raises(ValueError, match="2 images and 1 prompts"):
         scorer.score(_images()[:2], ["x"])
+
+
+def test_maps_are_reduced_to_the_presets_map_max_side(tiny_preset, tiny_clip):
+    """Issue 15 (memory): a large image's maps are computed at most map_max_side long, aspect kept
+    (the reference preset keeps the image's size, as the authors' scripts)."""
+    from dataclasses import replace
+
+    from grefine_curate.curate.config import load_preset
+
+    assert load_preset("sdxl").map_max_side == 1024 and load_preset("reference").map_max_side == 0
+    img = Image.fromarray(np.random.default_rng(5).integers(0, 255, (90, 150, 3), dtype=np.uint8))
+    capped = QualityScorer(replace(tiny_preset, map_max_side=50), clip=tiny_clip)
+    (r,) = capped.score([img], ["a red cat on a sofa"])
+    assert r.pq.P.shape == r.aq.A.shape == (30, 50)
+    assert capped.pq.score([img])[0].P.shape == (30, 50) and capped.aq.score([img], ["a cat"])[0].A.shape == (30, 50)
+    full = QualityScorer(replace(tiny_preset, map_max_side=0), clip=tiny_clip)
+    (f,) = full.score([img], ["a red cat on a sofa"])
+    assert f.pq.P.shape == f.aq.A.shape == (90, 150)
+    assert f.pq.p == r.pq.p and f.aq.a == r.aq.a  # the scores do not depend on the maps' size
+    # the reduced map is the full one seen at a lower resolution
+    small = np.asarray(Image.fromarray(f.pq.P, "F").resize((50, 30), Image.BILINEAR))
+    assert np.abs(small - r.pq.P).mean() < 0.05

@@ -113,3 +113,14 @@ def test_vit_b16_architecture_cls_equals_encode_image():
     tokens = SurgeryEncoder(model.visual, 6)(x)
     assert tokens.shape == (1, 197, 512)
     torch.testing.assert_close(tokens[:, 0], model.encode_image(x), atol=1e-4, rtol=1e-4)
+
+
+def test_map_size_keeps_the_aspect_and_caps_the_long_side():
+    from grefine_curate.curate.surgery import map_size
+
+    assert map_size(6000, 8000, 1024) == (768, 1024)
+    assert map_size(8000, 6000, 1024) == (1024, 768)
+    assert map_size(8192, 8192, 1024) == (1024, 1024)
+    assert map_size(10, 20000, 1024) == (1, 1024)  # never a zero side
+    assert map_size(600, 800, 1024) == (600, 800)  # smaller images keep their size
+    assert map_size(6000, 8000, 0) == (6000, 8000)  # 0: the image's own size

@@ -117,14 +117,19 @@ def _out_format(path: Path, option: str) -> str:
     return fmt
 
 
-def _map_bytes(m, fmt: str) -> bytes:
-    """A map in [0, 1] as 8-bit grey in ``fmt`` (PNG keeps it exact)."""
+def _map_bytes(m, fmt: str, size: tuple[int, int] | None = None, binary: bool = False) -> bytes:
+    """A map in [0, 1] as 8-bit grey in ``fmt`` (PNG keeps it exact), at ``size`` (W, H) when given:
+    maps are computed at most the preset's map_max_side long, files are written at the image's size
+    (bilinear; a mask nearest, so it stays black and white)."""
     import numpy as np
     from PIL import Image
 
     from grefine_curate.curate.images import encode_image
 
-    arr = np.clip(np.asarray(m, dtype=np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    m = np.asarray(m, dtype=np.float32)
+    if size is not None and (m.shape[1], m.shape[0]) != tuple(size):
+        m = np.asarray(Image.fromarray(m, "F").resize(size, Image.NEAREST if binary else Image.BILINEAR))
+    arr = np.clip(m * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return encode_image(Image.fromarray(arr, "L"), fmt)
 
 
@@ -186,7 +191,7 @@ def pq(
     img = _load_one(image, cfg)
     result = _scorer(cfg, models_dir).score_pq([img])[0]
     if save_map:
-        _write(save_map, _map_bytes(result.P, map_fmt))
+        _write(save_map, _map_bytes(result.P, map_fmt, img.size))
     if as_json:
         _print_json({"image": str(image), "p": result.p, "factors": result.factors,
                      "width": img.width, "height": img.height, "map": str(save_map) if save_map else None})
@@ -218,7 +223,7 @@ def aq(
     if result is None:
         _fail(f"the prompt {prompt!r} is empty after cleaning (see `grefine-curate parse`); AQ-Map needs text", EXIT_USAGE)
     if save_map:
-        _write(save_map, _map_bytes(result.A, map_fmt))
+        _write(save_map, _map_bytes(result.A, map_fmt, img.size))
     if as_json:
         _print_json({"image": str(image), "prompt": prompt, **result.to_json(), "map": str(save_map) if save_map else None})
         return
@@ -323,7 +328,7 @@ def refine(
     outcome = refiner.refine([item])[0]
     _write(out, encode_image(outcome.image, fmt))
     if save_mask and outcome.mask is not None:
-        _write(save_mask, _map_bytes(np.asarray(outcome.mask, dtype=np.float32), mask_fmt))
+        _write(save_mask, _map_bytes(np.asarray(outcome.mask, dtype=np.float32), mask_fmt, img.size, binary=True))
     # On skip the image is the input, so its scores after are the input's (as in the job's output).
     p_after = outcome.p_after if outcome.p_after is not None else res.pq.p
     a_after = outcome.a_after if outcome.a_after is not None else item.a

@@ -12,7 +12,8 @@ For an image and its prompt:
    over channels (``feature_norm="token"``: over the token axis, as the reference code); each text's feature (template ensemble, ``text_features.py``) minus the redundant
    "" feature gives similarities ``sim = tokens @ (text - redundant)^T`` (eq. 5). The score of a text
    is ``sigmoid(score_scale * sim[CLS])``; its map is its patch column, min-max normalised per image
-   and resized to the image's (H, W) (``surgery.tokens_to_maps``; PQ-Map's ``map_resize``). A flat
+   and resized to the image's (H, W), at most ``map_max_side`` long (``surgery.tokens_to_maps``,
+   ``surgery.map_size``; PQ-Map's ``map_resize``). A flat
    column (no spatial evidence) becomes the constant score of its text instead of min-max's 0/0.
    Texts scored: the whole cleaned prompt (clip_score), every phrase (a_phs) and every phrase's noun
    (a_pns). A phrase without a noun uses its own text as its noun, so a_pns == a_phs for it: it can
@@ -63,7 +64,7 @@ from PIL import Image
 
 from grefine_curate.curate.config import AQConfig
 from grefine_curate.curate.results import ADJECTIVE_UNMATCHED, NOUN_UNMATCHED, AQResult, PhraseScore
-from grefine_curate.curate.surgery import SurgeryEncoder, preprocess_images, tokens_to_maps
+from grefine_curate.curate.surgery import SurgeryEncoder, map_size, preprocess_images, tokens_to_maps
 from grefine_curate.curate.syntax import (
     MODIFIER_MODES,
     NOUN_MODES,
@@ -133,6 +134,7 @@ class AQMap:
         map_resize: str = "bicubic",
         parse_cache_size: int = 4096,
         encoder: SurgeryEncoder | None = None,  # share PQ-Map's surgery encoder (one forward for both)
+        map_max_side: int = 0,  # maps at most this long side (0 = the image's size; surgery.map_size)
     ):
         self.cfg = cfg or AQConfig()
         _check_config(self.cfg)
@@ -145,6 +147,7 @@ class AQMap:
         self.image_size = image_size
         self.surgery_blocks = surgery_blocks
         self.map_resize = map_resize
+        self.map_max_side = int(map_max_side)
         self._nlp = nlp
         self._encoder: SurgeryEncoder | None = encoder
         self._parsed: OrderedDict[str, ParsedPrompt] = OrderedDict()
@@ -165,6 +168,7 @@ class AQMap:
             from grefine_curate.curate.clip_models import load_clip
 
             clip = load_clip(preset.clip, models_dir=models_dir, seed=preset.seed)
+        kwargs.setdefault("map_max_side", preset.map_max_side)
         return cls(clip, preset.aq, cache, image_size=preset.clip.image_size,
                    surgery_blocks=preset.clip.surgery_blocks, **kwargs)
 
@@ -247,7 +251,7 @@ class AQMap:
     ) -> list[AQResult | None]:
         """AQ results from precomputed surgery tokens (B, 1+HW, D) after ln_post and projection.
 
-        ``sizes``: (H, W) of each original image (maps come back at that size). ``prompts``: text,
+        ``sizes``: (H, W) of each image's map (the image's size, or ``map_size``'s reduction of it). ``prompts``: text,
         an already parsed prompt, or None; the result is None where the prompt is null or blank.
         """
         # 1. Check inputs
@@ -354,4 +358,5 @@ class AQMap:
         if not images:
             return []
         tokens = self.encode_images(images)
-        return self.from_tokens(tokens, [(img.height, img.width) for img in images], prompts)
+        return self.from_tokens(tokens, [map_size(img.height, img.width, self.map_max_side) for img in images],
+                                prompts)

@@ -141,6 +141,9 @@ class Preset:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     refiner: RefinerConfig = field(default_factory=RefinerConfig)
     max_pixels: int = 8192 * 8192  # images above this are refused before decoding
+    # PQ and AQ maps are computed at most this long side (aspect kept; 0 = the image's own size). The
+    # refiner reads them at its processing size; full-size float maps of a 64 MP image take 256 MB each.
+    map_max_side: int = 1024
     seed: int = 0  # global seed; an item's seed comes from (seed, item id)
     # Work units of the job (scheduling only, results do not depend on them): rows per unit, sized so
     # that a unit is minutes of work on one GPU (refine: seconds per image; score: ~100s of images/s).
@@ -260,6 +263,7 @@ _RANGES: dict[tuple[type, str], tuple[float | None, float | None, bool, bool]] =
     (RefinerConfig, "stage2_guidance_scale"): (0, 100, False, False),
     (RefinerConfig, "guard_tolerance"): (0, 1, False, False),
     (Preset, "max_pixels"): (1, 2**40, False, False),
+    (Preset, "map_max_side"): (0, 2**20, False, False),
     (Preset, "seed"): (0, 2**63 - 1, False, False),
     (Preset, "unit_rows"): (1, 2**31, False, False),
     (Preset, "score_unit_rows"): (1, 2**31, False, False),

@@ -1,7 +1,7 @@
 """The refiner's mask, stage-1 strength and step split (G-Refine, section 3.3, eq. 9-10).
 
 Mask (eq. 9, ``Bi(1 - P + A)``). P is the perceptual quality map (high = good), A the alignment map
-(high = needs refinement), both (H, W) float32 in [0, 1] at the image's own size.
+(high = needs refinement), both (H, W) float32 in [0, 1] at the image's own size or a reduction of it.
 
 - ``mode = "paper"``: refine where ``clip(1 - P + A, 0, 1) > threshold``. The clip puts the map in
   [0, 1] before binarising, so with no alignment defect (A = 0) the rule is "P < 1 - threshold"
@@ -12,7 +12,8 @@ Mask (eq. 9, ``Bi(1 - P + A)``). P is the perceptual quality map (high = good), 
   p_low = 100/255 and a_high = 170/255.
 
 Dilation and feathering (defaults in ``MaskConfig``: dilate = 8 px, feather = 4 px, at the image's
-own size). The binary mask is grown by ``dilate`` pixels (Euclidean disk) so that seams at the edge
+own size; scaled down with maps that are a reduction of it, ``Preset.map_max_side``). The binary
+mask is grown by ``dilate`` pixels (Euclidean disk) so that seams at the edge
 of a defect are regenerated too; that dilated binary mask is what the inpainting pipeline gets
 (diffusers binarises inpainting masks at 0.5 anyway). The soft mask used to paste stage 1's
 pixels back is 1 inside, falls to 0 with a smoothstep over the outer ``feather`` pixels of the
@@ -88,10 +89,17 @@ def _smoothstep(t: np.ndarray) -> np.ndarray:
     return t * t * (3.0 - 2.0 * t)
 
 
-def build_mask_pair(P: np.ndarray, A: np.ndarray | None, cfg: MaskConfig) -> MaskPair:
-    """Thresholded, dilated binary mask and its feathered paste-back weights, at P's size."""
+def build_mask_pair(P: np.ndarray, A: np.ndarray | None, cfg: MaskConfig, scale: float = 1.0) -> MaskPair:
+    """Thresholded, dilated binary mask and its feathered paste-back weights, at P's size.
+
+    ``scale``: map pixels per image pixel, below 1 when the maps are a reduction of the image
+    (``Preset.map_max_side``): ``dilate`` and ``feather`` are image pixels, so they shrink with it.
+    """
     if cfg.dilate < 0 or cfg.feather < 0:
         raise ConfigError(f"refiner.mask.dilate and feather must be >= 0 pixels, got {cfg.dilate} and {cfg.feather}")
+    if not 0.0 < scale <= 1.0:
+        raise ValueError(f"scale (map pixels per image pixel) must be in (0, 1], got {scale}")
+    dilate, feather = cfg.dilate * scale, cfg.feather * scale
     core = threshold_mask(P, A, cfg)  # (H, W) bool
     if not core.any():
         return MaskPair(binary=core, soft=np.zeros(core.shape, np.float32))
@@ -100,14 +108,14 @@ def build_mask_pair(P: np.ndarray, A: np.ndarray | None, cfg: MaskConfig) -> Mas
     # Signed distance to the core's edge: > 0 outside (distance to the nearest core pixel),
     # <= 0 inside (minus the distance to the nearest outside pixel).
     d_out = ndimage.distance_transform_edt(~core)
-    d_in = ndimage.distance_transform_edt(core) if cfg.feather > cfg.dilate else 0.0
+    d_in = ndimage.distance_transform_edt(core) if feather > dilate else 0.0
     signed = d_out - d_in  # (H, W) float64
-    binary = signed <= cfg.dilate
-    if cfg.feather == 0:
+    binary = signed <= dilate
+    if feather == 0:
         soft = binary.astype(np.float32)
     else:
         # 1 at distance dilate - feather and closer, 0 at distance dilate and beyond.
-        soft = _smoothstep((cfg.dilate - signed) / cfg.feather).astype(np.float32)
+        soft = _smoothstep((dilate - signed) / feather).astype(np.float32)
         soft[~binary] = 0.0
     return MaskPair(binary=binary, soft=soft)
 

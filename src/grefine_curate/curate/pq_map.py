@@ -20,7 +20,7 @@ softmax over the pair, so ``s = sigmoid(logit_scale * L_raw)`` is the probabilit
   - ``"overall-similarity"``: the patch tokens' raw similarity to the overall factor's "good" prompt
     alone, as the reference code's PQ-Map.py computes its map.
   Then min-max per image over the patch grid, resized to the image's own (H, W) (rows of the grid =
-  rows of the image). High = good. A flat map (no spatial evidence) becomes the constant p instead
+  rows of the image), or to its reduction to ``map_max_side`` on the long side (``surgery.map_size``). High = good. A flat map (no spatial evidence) becomes the constant p instead
   of min-max's division by ~0 (``surgery.tokens_to_maps``).
 
 Where the authors' reference code differs (REFERENCE.md section 1) the paper's or the correct
@@ -55,7 +55,7 @@ from grefine_curate.curate.config import FACTORS, PQConfig, Preset
 from grefine_curate.curate.errors import ConfigError
 from grefine_curate.curate.prompts import PQPrompts, build_pq_prompts, pq_text_features
 from grefine_curate.curate.results import PQResult
-from grefine_curate.curate.surgery import SurgeryEncoder, preprocess_images, tokens_to_maps
+from grefine_curate.curate.surgery import SurgeryEncoder, map_size, preprocess_images, tokens_to_maps
 
 ALPHA_MODES = ("per-factor", "first-alpha")
 FEATURE_NORMS = ("channel", "token")
@@ -147,12 +147,14 @@ class PQMap:
         image_size: int = 224,
         prompts: PQPrompts | str | os.PathLike | None = None,
         encoder: SurgeryEncoder | None = None,
+        map_max_side: int = 0,
     ):
         # 1. Check the configuration
         check_pq_config(cfg)
         self.clip = clip
         self.cfg = cfg
         self.image_size = int(image_size)
+        self.map_max_side = int(map_max_side)  # maps at most this long side (0 = the image's size)
         # 2. Image side: the surgery encoder over the frozen CLIP ViT
         self.encoder = encoder if encoder is not None else SurgeryEncoder(clip.model.visual, surgery_blocks)
         # 3. Text side: T_p, computed once
@@ -176,7 +178,11 @@ class PQMap:
 
         clip = clip if clip is not None else load_clip(preset.clip, models_dir=models_dir, seed=preset.seed)
         return cls(clip, preset.pq, surgery_blocks=preset.clip.surgery_blocks,
-                   image_size=preset.clip.image_size, prompts=prompts)
+                   image_size=preset.clip.image_size, prompts=prompts, map_max_side=preset.map_max_side)
+
+    def map_sizes(self, images: Sequence[Image.Image]) -> list[tuple[int, int]]:
+        """(H, W) of each image's maps: its own size, or reduced to ``map_max_side`` (surgery.map_size)."""
+        return [map_size(img.height, img.width, self.map_max_side) for img in images]
 
     # -- image side ---------------------------------------------------------------------------
 
@@ -217,7 +223,7 @@ class PQMap:
 
     @torch.no_grad()
     def from_tokens(self, tokens: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[PQResult]:
-        """Surgery tokens (B, 1+HW, D) and each image's (H, W) -> one PQResult per image."""
+        """Surgery tokens (B, 1+HW, D) and each map's (H, W) -> one PQResult per image."""
         # 1. Check inputs
         if tokens.dim() != 3 or tokens.shape[0] != len(sizes):
             raise ValueError(f"tokens must be (B, 1+HW, D) with B = len(sizes) = {len(sizes)}, got {tuple(tokens.shape)}")
@@ -238,11 +244,11 @@ class PQMap:
         ]
 
     def score(self, images: Sequence[Image.Image]) -> list[PQResult]:
-        """RGB PIL images (any sizes) -> one PQResult per image, each map at its image's (H, W)."""
+        """RGB PIL images (any sizes) -> one PQResult per image, each map at its image's (H, W) (reduced
+        to ``map_max_side``, aspect kept, when that is set and the image is larger)."""
         if len(images) == 0:
             return []
-        sizes = [(img.height, img.width) for img in images]
-        return self.from_tokens(self.encode(images), sizes)
+        return self.from_tokens(self.encode(images), self.map_sizes(images))
 
     __call__ = score
 

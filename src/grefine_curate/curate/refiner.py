@@ -61,6 +61,7 @@ from grefine_curate.curate.errors import ConfigError
 from grefine_curate.curate.masks import (MaskPair, StepPlan, build_mask_pair, check_strength_bounds,
                                          split_steps, stage1_strength)
 from grefine_curate.curate.routing import ROUTES, check_routing, choose_route
+from grefine_curate.curate.surgery import map_size
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +82,22 @@ def _stage_generator(seed: int, stage: int) -> torch.Generator:
 
 @dataclass
 class RefineItem:
-    image: Image.Image  # RGB, any size
+    image: Image.Image  # RGB, any size (or already reduced by ``refine_input``: then give output_size)
     prompt: str | None  # refinement prompt (AQ's emphasised prompt, eq. 7); None = no prompt
     p: float  # perceptual quality score, eq. 3 (high = good)
     a: float | None  # alignment score, eq. 8 (high = good); None without a prompt
-    P: np.ndarray  # (H, W) float32 in [0, 1], high = good
-    A: np.ndarray | None  # (H, W) float32 in [0, 1], high = needs refinement; None without a prompt
+    # Maps at the image's (H, W), or a reduction of it with the same aspect (Preset.map_max_side)
+    P: np.ndarray  # (h, w) float32 in [0, 1], high = good
+    A: np.ndarray | None  # (h, w) as P, in [0, 1], high = needs refinement; None without a prompt
     seed: int  # from item_seed(global seed, item id)
     route: str | None = None  # precomputed route; None = chosen from p and a
     score_prompt: str | None = None  # prompt the guard re-scores with; None = `prompt` without emphasis
+    output_size: tuple[int, int] | None = None  # (W, H) of the original image when `image` was reduced
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(W, H) of the original image: what the maps describe and the result comes back at."""
+        return tuple(self.output_size) if self.output_size is not None else self.image.size
 
 
 @dataclass
@@ -100,7 +108,7 @@ class RefineOutcome:
     p_after: float | None  # score of the refined image (None when skipped or when the guard is off)
     a_after: float | None
     steps_run: dict[str, int]  # denoising steps actually run: {"stage1": n1, "stage2": n2}
-    mask: np.ndarray | None  # (H, W) bool low-quality mask (what stage 1 inpaints on route full)
+    mask: np.ndarray | None  # (h, w) bool low-quality mask at the maps' size (what stage 1 inpaints on route full)
     p_before: float = 0.0
     a_before: float | None = None
     strength1: float | None = None  # effective stage-1 strength n1 / num_inference_steps (route full)
@@ -115,6 +123,14 @@ def processing_size(width: int, height: int, resolution: int) -> tuple[int, int]
     """(w, h) at which diffusion runs: long side = resolution, aspect kept, multiples of 8."""
     scale = resolution / max(width, height)
     return (max(8, int(round(width * scale / 8)) * 8), max(8, int(round(height * scale / 8)) * 8))
+
+
+def refine_input(image: Image.Image, resolution: int) -> Image.Image:
+    """The image the refiner starts from: reduced to its processing size when larger (Lanczos, as
+    ``refine`` itself does), else unchanged. A caller that holds many large images passes this with
+    ``RefineItem.output_size`` = the original's size and drops the original: the result is identical."""
+    size = processing_size(*image.size, resolution)
+    return image.resize(size, Image.LANCZOS) if size[0] * size[1] < image.width * image.height else image
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
@@ -302,13 +318,21 @@ class BalancedRefiner:
                 got = it.image.mode if isinstance(it.image, Image.Image) else type(it.image).__name__
                 raise ValueError(f"{where}: image must be an RGB PIL image (decode with images.decode_image), "
                                  f"got {got}")
-            w, h = it.image.size
+            if it.output_size is not None and (len(it.output_size) != 2 or min(it.output_size) < 1):
+                raise ValueError(f"{where}: output_size must be (W, H) of the original image, got {it.output_size!r}")
+            w, h = it.size
             for name, m in (("P", it.P), ("A", it.A)):
                 if m is None and name == "P":
                     raise ValueError(f"{where}: P (the PQ map) is required")
-                if m is not None and np.shape(m) != (h, w):
-                    raise ValueError(f"{where}: {name} has shape {np.shape(m)}, expected the image's "
-                                     f"(H, W) = ({h}, {w})")
+                if m is None:
+                    continue
+                shape = np.shape(m)
+                if len(shape) != 2 or map_size(h, w, max(shape)) != shape:
+                    raise ValueError(f"{where}: {name} has shape {shape}, expected the image's (H, W) = ({h}, {w}) "
+                                     f"or a reduction of it with the same aspect (surgery.map_size)")
+                if name == "A" and shape != np.shape(it.P):
+                    raise ValueError(f"{where}: A has shape {shape} but P has {np.shape(it.P)}; both maps must be "
+                                     "at one size")
             if it.prompt is not None and not isinstance(it.prompt, str):
                 raise ValueError(f"{where}: prompt must be a string or None, got {type(it.prompt).__name__}")
             if isinstance(it.seed, bool) or not isinstance(it.seed, (int, np.integer)) or not 0 <= it.seed < 2**64:
@@ -331,12 +355,12 @@ class BalancedRefiner:
         works: list[_Work] = []
         for i, it in enumerate(items):
             route = it.route or choose_route(it.p, it.a, self.routing)
-            masks = build_mask_pair(it.P, it.A, cfg.mask)
+            masks = build_mask_pair(it.P, it.A, cfg.mask, scale=max(np.shape(it.P)) / max(it.size))
             if route == "full" and not masks.binary.any():
                 route = "light"  # nothing to inpaint
             s1 = stage1_strength(it.p, it.a, cfg)
             plan = split_steps(cfg.steps, cfg.stage1_fraction, s1, cfg.delta)
-            size = processing_size(*it.image.size, cfg.resolution)
+            size = processing_size(*it.size, cfg.resolution)
             works.append(_Work(index=i, route=route, masks=masks, size=size, plan=plan, strength1=s1))
         active = [w for w in works if w.route in ("light", "full")]
 
@@ -369,11 +393,12 @@ class BalancedRefiner:
         # 6. Back to the original size
         results: list[Image.Image] = []
         for w in works:
-            original = items[w.index].image
+            original = items[w.index]
             if w.route == "skip":
-                results.append(original)
+                results.append(original.image)
                 continue
             out = _to_pil(w.current)
+            w.current = None  # only the full-size result is held from here
             results.append(out if out.size == original.size else out.resize(original.size, Image.LANCZOS))
 
         # 7. No-regression guard

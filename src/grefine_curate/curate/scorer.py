@@ -57,7 +57,7 @@ class QualityScorer:
             raise ValueError(f"got {len(images)} images and {len(prompts)} prompts; they must match")
         if not images:
             return []
-        sizes = [(img.height, img.width) for img in images]
+        sizes = self.pq.map_sizes(images)  # the maps' (H, W): the image's, or reduced to preset.map_max_side
         tokens = self.tokens(images)  # (B, 1+HW, D), computed once
         pq = self.pq.from_tokens(tokens, sizes)
         aq = self.aq.from_tokens(tokens, sizes, list(prompts))

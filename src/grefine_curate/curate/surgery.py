@@ -111,11 +111,30 @@ def preprocess_images(
 ) -> torch.Tensor:
     """Bicubic resize of each whole RGB image to ``size`` (no centre crop), CLIP mean/std -> (B, 3, H, W)."""
     h, w = (size, size) if isinstance(size, int) else size
-    arr = np.stack([np.asarray(img.convert("RGB").resize((w, h), Image.BICUBIC), dtype=np.uint8) for img in images])
+    # convert() returns a full-size copy even of an RGB image: only other modes pay for it
+    arr = np.stack([np.asarray((img if img.mode == "RGB" else img.convert("RGB")).resize((w, h), Image.BICUBIC),
+                               dtype=np.uint8) for img in images])
     t = torch.from_numpy(arr).to(device).permute(0, 3, 1, 2).float().div_(255.0)
     m = torch.tensor(mean, device=t.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=t.device).view(1, 3, 1, 1)
     return ((t - m) / s).to(dtype)
+
+
+def map_size(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """(H, W) of an image's maps: the image's own size, or reduced (aspect kept) to a long side of
+    ``max_side`` when it is longer (0 = always the image's size).
+
+    Why: a map is interpolated from a patch grid of 14x14 (ViT-B/16 at 224), so a full-size float32
+    map of a 64 MP image (256 MB, one per unmatched phrase) holds no more than its 1024-side
+    reduction; the refiner only ever reads masks at its own processing size (1024 or less).
+    """
+    h, w = int(height), int(width)
+    if max_side <= 0 or max(h, w) <= max_side:
+        return h, w
+    scale = max_side / max(h, w)
+    if h >= w:
+        return max_side, max(1, round(w * scale))  # the long side is exactly max_side
+    return max(1, round(h * scale)), max_side
 
 
 # A map whose raw values span less than this carries no spatial information: min-max would blow

@@ -26,6 +26,7 @@ class RefineRequest:
     route: str  # "light" | "full" (skip never reaches the refiner)
     seed: int
     item_id: str
+    size: tuple[int, int] | None = None  # (W, H) of the original when `image` came from refine_input
 
 
 @dataclass
@@ -37,7 +38,12 @@ class RefineResponse:
 
 
 class Engine(Protocol):
-    """What the processor needs from the models: score, route, refine, seed."""
+    """What the processor needs from the models: score, route, refine, seed.
+
+    ``refine_input(image) -> image`` is optional: the image refinement starts from (the refiner's
+    processing size), so the processor can drop a large original before the refined outputs of its
+    batch are made. An engine without it gets the full-size images (``RefineRequest.size`` None).
+    """
 
     def score(self, images: list[Image.Image], prompts: list[str | None]) -> list[ScoreResult]: ...
 
@@ -99,6 +105,11 @@ class ModelEngine:
 
         return item_seed(self.preset.seed, item_id)
 
+    def refine_input(self, image: Image.Image) -> Image.Image:
+        from grefine_curate.curate.refiner import refine_input
+
+        return refine_input(image, self.preset.refiner.resolution)
+
     def refine(self, requests: list[RefineRequest]) -> list[RefineResponse]:
         from grefine_curate.curate.refiner import RefineItem
 
@@ -109,7 +120,7 @@ class ModelEngine:
             items.append(RefineItem(
                 image=r.image, prompt=(aq.emphasised_prompt or r.prompt) if aq is not None else r.prompt,
                 p=r.score.p, a=r.score.a, P=r.score.pq.P, A=None if aq is None else aq.A, seed=r.seed,
-                route=r.route, score_prompt=r.prompt,
+                route=r.route, score_prompt=r.prompt, output_size=r.size,
             ))
         out = []
         for o in self.refiner.refine(items):
@@ -144,6 +155,10 @@ class LazyEngine:
 
     def refine(self, requests):
         return self.get().refine(requests)
+
+    def refine_input(self, image):
+        fn = getattr(self.get(), "refine_input", None)
+        return image if fn is None else fn(image)
 
     def item_seed(self, item_id: str) -> int:
         from grefine_curate.curate.refiner import item_seed

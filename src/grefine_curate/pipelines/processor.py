@@ -104,8 +104,33 @@ def _run_isolated(fn, items: list[Item], stage: str, call) -> None:
             it.error = _error_text(it.item_id, stage, e)
 
 
-def run_models(items: list[Item], engine: Engine, opts: ProcessOptions) -> None:
-    """Steps 3-4 for a decoded batch: scores (and routes, seeds, refinement in refine mode), in place."""
+def refine_chunks(todo: list[Item], max_pixels: int) -> list[list[Item]]:
+    """The items to refine in calls whose full-size outputs stay within one image at the pixel limit
+    (``max_pixels``): a batch of small images is one call, a batch at the limit one call per image."""
+    chunks: list[list[Item]] = []
+    pixels = 0
+    for it in todo:
+        w, h = it.size or (0, 0)
+        if chunks and pixels + w * h <= max_pixels:
+            chunks[-1].append(it)
+            pixels += w * h
+        else:
+            chunks.append([it])
+            pixels = w * h
+    return chunks
+
+
+def run_models(items: list[Item], engine: Engine, opts: ProcessOptions, refined=None) -> None:
+    """Steps 3-4 for a decoded batch: scores (and routes, seeds, refinement in refine mode), in place.
+
+    Memory: a decoded image is released (``item.image = None``) as soon as nothing reads it: after
+    scoring, unless the item is refined; a refined item's image is first reduced to where the
+    refiner starts (``engine.refine_input``, when the engine has it). Refinement runs in chunks of
+    at most one image at the pixel limit of full-size output (``refine_chunks``), and ``refined(chunk)``
+    (the processor encodes there) is called after each, so full-size outputs never pile up."""
+    for it in items:
+        if it.image is not None:
+            it.size = it.image.size
     if opts.mode == "refine":
         for it in items:  # every row gets its seed, error rows included: an int64 column without nulls
             it.seed = engine.item_seed(it.item_id)  # (pandas would read nulls as float64 and round it)
@@ -129,6 +154,7 @@ def run_models(items: list[Item], engine: Engine, opts: ProcessOptions) -> None:
 
     if opts.mode != "refine":  # score mode: the route a run would take (planned, nothing refined)
         for it in items:
+            it.image = None
             if it.error is None and it.score is not None:
                 try:
                     it.route = route(it)
@@ -148,29 +174,51 @@ def run_models(items: list[Item], engine: Engine, opts: ProcessOptions) -> None:
         it.p_after, it.a_after = it.score.p, it.score.a
         if it.route != "skip":
             todo.append(it)
+    refining = {id(it) for it in todo}
+    for it in items:
+        if id(it) not in refining:
+            it.image = None
+    prepare = getattr(engine, "refine_input", None)  # optional (engines.Engine)
+    if prepare is not None:
+        for it in todo:
+            try:
+                it.image = prepare(it.image)  # the original is released here
+            except Exception as e:  # noqa: BLE001
+                it.error = _error_text(it.item_id, "refinement", e)
+                it.image = None
+        todo = [it for it in todo if it.error is None]
 
     def set_refined(it: Item, r: RefineResponse) -> None:
         it.refined, it.route, it.p_after, it.a_after = r.image, r.route, r.p_after, r.a_after
 
-    _run_isolated(
-        set_refined, todo, "refinement",
-        lambda b: engine.refine([RefineRequest(i.image, i.prompt, i.score, i.route, i.seed, i.item_id) for i in b]),
-    )
+    for chunk in refine_chunks(todo, opts.max_pixels):
+        _run_isolated(
+            set_refined, chunk, "refinement",
+            lambda b: engine.refine([RefineRequest(i.image, i.prompt, i.score, i.route, i.seed, i.item_id, i.size)
+                                     for i in b]),
+        )
+        for it in chunk:
+            it.image = None
+        if refined is not None:
+            refined(chunk)
 
 
 def encode_outputs(items: list[Item], fmt, opts: ProcessOptions) -> None:
     """Step 4b: encode refined images (in the format the output layout keeps: a folder's or a tar
     member's own, else --image-format) and maps item by item, so one that cannot be encoded (say,
-    wider than WebP allows) becomes an error row instead of failing the shard."""
+    wider than WebP allows) becomes an error row instead of failing the shard. The refined image is
+    released once encoded; an item already encoded is not encoded again."""
     for it in items:
         if it.error is not None or it.score is None:
             continue
         try:
             if it.refined is not None:
                 enc = fmt.encoding(it, opts)
-                it.encoded = encode_image(it.refined if enc != "JPEG" else it.refined.convert("RGB"), enc)
+                refined, it.refined = it.refined, None
+                it.encoded = encode_image(refined if refined.mode == "RGB" or enc != "JPEG" else refined.convert("RGB"), enc)
                 it.encoded_format = enc
-            if opts.save_maps and it.needs_pixels:  # else the audit's maps are already there
+                del refined
+            if opts.save_maps and it.needs_pixels and it.pq_png is None:  # else the audit's maps are there
                 it.pq_png = map_png(it.score.pq.P)
                 it.aq_png = map_png(it.score.aq.A) if it.score.aq is not None else None
         except Exception as e:  # noqa: BLE001 - one bad item never fails its shard
@@ -335,7 +383,7 @@ def process_unit(task: ShardTask, in_schema: pa.Schema | None, batches, engine: 
             for fu in futs:
                 fu.result()
             # 3-4. Models
-            run_models(items, engine, opts)
+            run_models(items, engine, opts, refined=lambda chunk: encode_outputs(chunk, fmt, opts))
             encode_outputs(items, fmt, opts)
             # 5. Output rows (and what the format keeps beside them)
             out = fmt.output_batch(task, raw_batch, items, schema, _score_columns(items, opts, opts.mode == "refine"), opts)
@@ -381,5 +429,5 @@ def process_unit(task: ShardTask, in_schema: pa.Schema | None, batches, engine: 
 __all__ = [
     "Engine", "EngineSpec", "Item", "ModelEngine", "build_engine", "ProcessOptions", "RefineRequest", "RefineResponse",
     "ShardResult", "ShardTask", "encode_outputs", "map_png", "output_schema", "process_shard", "process_unit",
-    "run_models",
+    "refine_chunks", "run_models",
 ]

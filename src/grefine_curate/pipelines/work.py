@@ -189,7 +189,8 @@ class Item:
     prompt: str | None
     raw: bytes | None = None  # encoded image bytes (None when absent)
     source_error: str | None = None  # the bytes could not even be read
-    image: Any = None  # the decoded PIL image
+    image: Any = None  # the decoded PIL image (refine: replaced by the engine's refine_input once scored)
+    size: tuple[int, int] | None = None  # (W, H) of the decoded image, kept when `image` is reduced or released
     error: str | None = None
     score: Any = None  # curate.results.ScoreResult
     route: str | None = None
