@@ -1,8 +1,9 @@
 """Peak memory of the job on one batch of 8 images at the pixel limit, score and refine mode (issue 15, item 11).
 
-    .venv/bin/python bench/job_memory.py [--max-pixels 16777216] [--batch 8] [--modes refine,score]
+    .venv/bin/python bench/job_memory.py [--max-pixels 16777216] [--batch 8] [--modes refine,score] [--image jpeg]
 
-1. An image folder of ``--batch`` JPEGs (quality 90) of exactly ``--max-pixels`` pixels, with a
+1. An image folder of ``--batch`` images of exactly ``--max-pixels`` pixels (``--image``: JPEG quality
+   90, or one of ``decode_memory.py``'s cases: jpeg-exif6, png, png-rgba, png-16bit), with a
    four-phrase prompt each in ``metadata.jsonl`` (so AQ-Map draws per-phrase maps), and a warm-up
    folder of the same prompts at 256x256.
 2. In a fresh process per mode: ``run_job`` (local executor, tiny preset, batch size ``--batch``,
@@ -73,24 +74,22 @@ print(json.dumps({"before_kb": before, "models_kb": models, "base_kb": base, "pe
 """
 
 
-def make_jpeg(pixels: int, seed: int) -> tuple[bytes, int, int]:
-    """A square JPEG of ``pixels`` pixels: smooth gradients plus row noise (photo-like entropy)."""
-    rng = np.random.default_rng(seed)
-    w = h = int(math.isqrt(pixels))
-    grad = np.linspace(0, 255, w, dtype=np.float32)[None, :, None] * rng.uniform(0.3, 1.0, (1, 1, 3)).astype(np.float32)
-    rgb = np.clip(grad + rng.normal(0, 10, (h, 1, 3)).astype(np.float32), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(np.broadcast_to(rgb, (h, w, 3)))).save(buf, "JPEG", quality=90)
-    return buf.getvalue(), w, h
+def make_image(kind: str, pixels: int, seed: int) -> tuple[bytes, str]:
+    """An image of ``pixels`` pixels (smooth gradients plus row noise) and its file extension."""
+    from decode_memory import make_image as make_case  # bench/ is the script's folder
+
+    return make_case(kind, pixels, seed), ("jpg" if kind.startswith("jpeg") else "png")
 
 
-def make_folder(path: str, n: int, pixels: int) -> int:
+def make_folder(path: str, n: int, pixels: int, kind: str = "jpeg") -> int:
     os.makedirs(path)
     total = 0
     with open(os.path.join(path, "metadata.jsonl"), "w") as meta:
         for i in range(n):
-            data, w, h = make_jpeg(pixels, i)
-            name = f"img{i:02d}.jpg"
+            data, ext = make_image(kind, pixels, i)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+            name = f"img{i:02d}.{ext}"
             with open(os.path.join(path, name), "wb") as f:
                 f.write(data)
             meta.write(json.dumps({"file_name": name, "prompt": PROMPTS[i % len(PROMPTS)]}) + "\n")
@@ -112,17 +111,17 @@ def main() -> None:
     ap.add_argument("--max-pixels", type=int, default=4096 * 4096, help="the pixel limit; every image is this size")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--modes", default="refine,score")
+    ap.add_argument("--image", default="jpeg", help="jpeg, jpeg-exif6, png, png-rgba or png-16bit")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="grefine-bench-jobmem-")
     worst = 0.0
     try:
         t = time.perf_counter()
-        make_folder(os.path.join(work, "warm"), args.batch, 256 * 256)
-        pixels = make_folder(os.path.join(work, "big"), args.batch, args.max_pixels)
+        make_folder(os.path.join(work, "warm"), args.batch, 256 * 256, args.image)
+        pixels = make_folder(os.path.join(work, "big"), args.batch, args.max_pixels, args.image)
         decoded = 3 * pixels
-        side = math.isqrt(args.max_pixels)
-        print(f"{args.batch} JPEGs of {side}x{side}: decoded {decoded / 2**20:.0f} MB (3 bytes a pixel); "
-              f"made in {time.perf_counter() - t:.1f}s")
+        print(f"{args.batch} images ({args.image}) of {pixels // args.batch} pixels: decoded {decoded / 2**20:.0f} MB "
+              f"(3 bytes a pixel); made in {time.perf_counter() - t:.1f}s")
         for mode in args.modes.split(","):
             t = time.perf_counter()
             r = measure(os.path.join(work, "warm"), os.path.join(work, "big"), os.path.join(work, f"out-{mode}"),

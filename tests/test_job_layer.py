@@ -222,6 +222,40 @@ def test_decoded_pixels_stay_within_one_batch_at_the_pixel_limit(side, ahead):
     assert events[-1].rows == 3
 
 
+class _Counting(FakeEngine):
+    """Records, at each scoring call, its size and how many of the unit's images are decoded."""
+
+    def __init__(self, items):
+        super().__init__()
+        self.items, self.decoded = items, []
+
+    def score(self, images, prompts):
+        self.decoded.append(sum(it.image is not None for it in self.items))
+        return super().score(images, prompts)
+
+
+@pytest.mark.parametrize("mode", ["score", "refine"])
+def test_a_batch_at_the_pixel_limit_is_scored_in_chunks_of_the_pixel_budget(mode):
+    """Issue 15: full-size images held at once stay within two at the pixel limit whatever the batch
+    size; a batch of large images goes to the models in chunks, and nothing is lost."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fs = pafs.PyFileSystem(pafs.FSSpecHandler(MemoryFileSystem()))
+    shard = Shard(format="imagefolder", fs=fs, path="/in", rel="out/m-00000.parquet", num_rows=7, source_key="k")
+    items = [Item(item_id=f"x{i}.png", prompt="a red car", raw=encode(rgb(i, (70, 70))), source=f"x{i}.png")
+             for i in range(5)]
+    items.insert(2, Item(item_id="big.png", prompt="a red car", raw=encode(rgb(9, (90, 90))), source="big.png"))
+    items.insert(4, Item(item_id="bad.png", prompt="a red car", raw=b"not an image", source="bad.png"))
+    engine = _Counting(items)
+    opts = ProcessOptions(mode=mode, batch_size=7, max_pixels=70 * 70)
+    events = list(process_unit(ShardTask(shard=shard, out_fs=fs, out_root="/o"), None, iter([(None, items)]),
+                               engine, opts))
+    assert events[-1].rows == 7 and events[-1].status == {"ok": 5, "error": 2}
+    assert "big.png" in items[2].error and "above the limit" in items[2].error
+    assert engine.batches == [2, 2, 1]  # x0 x1 (big, never decoded) | x2 (bad) x3 | x4
+    assert max(engine.decoded) <= 2
+
+
 class _Reducing(FakeEngine):
     """Refines from a reduced image (``refine_input``) and records, at each refine call, the chunk,
     how many of the batch's full-size originals are still held, and whether the items refined

@@ -5,8 +5,9 @@ This is the step both executors run (in-process, or inside a Ray actor). Per bat
 
     1. read raw rows in input order: the shard's format reads them (formats/: ``read``), or any
        iterator of (raw batch, items) handed to ``process_unit`` (an in-memory reader in tests)
-    2. decode images on a CPU thread pool, one batch ahead of the model (decode k+1 while the model
-       runs batch k) while the two batches fit max_pixels x batch_size decoded pixels
+    2. decode images on a CPU thread pool ahead of the model (decode k+1 while the model runs batch k)
+       within the unit's pixel budget (pixel_budget.py: two images at the pixel limit); a batch of
+       large images goes to the models in chunks that fit it
     3. score: PQ-Map p, P and AQ-Map a, A (paper sec. 3.1-3.2); a null or empty prompt gives PQ only
     4. refine mode: route by (p, a) and run the balanced refiner (paper sec. 3.3) on light/full items
     5. append the rows to the output, written under a temporary name, laid out by the format (a
@@ -47,6 +48,7 @@ from grefine_curate.pipelines.engines import (  # noqa: F401 (re-exported: the p
     build_engine,
 )
 from grefine_curate.pipelines.formats import get_format
+from grefine_curate.pipelines.pixel_budget import PixelBudget, budget_pixels, pixel_chunks
 from grefine_curate.pipelines.work import (  # noqa: F401 (re-exported)
     Item,
     ProcessOptions,
@@ -107,17 +109,8 @@ def _run_isolated(fn, items: list[Item], stage: str, call) -> None:
 def refine_chunks(todo: list[Item], max_pixels: int) -> list[list[Item]]:
     """The items to refine in calls whose full-size outputs stay within one image at the pixel limit
     (``max_pixels``): a batch of small images is one call, a batch at the limit one call per image."""
-    chunks: list[list[Item]] = []
-    pixels = 0
-    for it in todo:
-        w, h = it.size or (0, 0)
-        if chunks and pixels + w * h <= max_pixels:
-            chunks[-1].append(it)
-            pixels += w * h
-        else:
-            chunks.append([it])
-            pixels = w * h
-    return chunks
+    sizes = [(it.size[0] * it.size[1]) if it.size else 0 for it in todo]
+    return [[todo[i] for i in chunk] for chunk in pixel_chunks(sizes, max_pixels)]
 
 
 def run_models(items: list[Item], engine: Engine, opts: ProcessOptions, refined=None) -> None:
@@ -288,21 +281,30 @@ def output_schema(task: ShardTask, input_schema: pa.Schema | None, opts: Process
     return get_format(task.shard.format).output_schema(task.shard, input_schema, _score_fields(opts, opts.mode == "refine"), opts)
 
 
-def _pixels(items: list[Item], opts: ProcessOptions) -> int:
-    """Pixels the batch will hold once decoded, from the headers (a header that cannot be read counts
-    as nothing: that item becomes an error row without decoding)."""
+def _header_pixels(item: Item, opts: ProcessOptions) -> int:
+    """Pixels the item will hold once decoded, from its header; 0 when it will not be decoded (no
+    pixels needed, over the limit, or a header that cannot be read: the decoder says why)."""
     from grefine_curate.curate.images import image_size_from_header
 
-    n = 0
-    for it in items:
-        if it.raw is None or not it.needs_pixels or it.source_error is not None:
-            continue
-        try:
-            w, h = image_size_from_header(it.raw)
-        except Exception:  # noqa: BLE001 - the decoder says why, item by item
-            continue
-        n += min(w * h, opts.max_pixels + 1)  # over the limit: refused from its header, never decoded
-    return n
+    if item.raw is None or not item.needs_pixels or item.source_error is not None:
+        return 0
+    try:
+        w, h = image_size_from_header(item.raw)
+    except Exception:  # noqa: BLE001 - the decoder says why, item by item
+        return 0
+    return w * h if w * h <= opts.max_pixels else 0  # over the limit: refused from its header
+
+
+def _decode_within(item: Item, opts: ProcessOptions, budget: PixelBudget, ticket: int, pixels: int) -> int:
+    """Decode once the budget has room (in input order); returns the pixels the item now holds."""
+    if not budget.take(ticket, pixels):
+        item.error = item.error or f"{item.item_id}: not decoded (the work unit ended first)"
+        return 0
+    _decode(item, opts)
+    if item.image is None and pixels:
+        budget.give(pixels)
+        return 0
+    return pixels
 
 
 def _after_batch(batch_index: int, opts: ProcessOptions) -> None:
@@ -337,6 +339,7 @@ def process_unit(task: ShardTask, in_schema: pa.Schema | None, batches, engine: 
     schema = output_schema(task, in_schema, opts)
     writer = ParquetFile(task.out_fs, task.output_path, schema)
     beside = None
+    budget = None
     status: Counter[str] = Counter()
     routes: Counter[str] = Counter()
     rows = 0
@@ -351,40 +354,36 @@ def process_unit(task: ShardTask, in_schema: pa.Schema | None, batches, engine: 
     try:
         beside = fmt.open_sink(task, opts)
 
-        # 2. Decode one batch ahead of the model
+        # 2. Decode ahead of the model, within the unit's pixel budget (pixel_budget.py): each item
+        #    takes its header's pixels before it is decoded and gives them back once its full-size
+        #    image is dropped, so small images decode a batch ahead and large ones wait for room.
+        budget = PixelBudget(budget_pixels(opts.max_pixels, opts.batch_size))
+
         def submit(entry):
             raw_batch, items = entry
             if prior is not None:  # audit scores and routes first: skip items are never decoded
                 prior.attach(items, routing, refine=opts.mode == "refine")
-            return raw_batch, items, [pool.submit(_decode, it, opts) for it in items]
+            sizes = [_header_pixels(it, opts) for it in items]
+            futs = [pool.submit(_decode_within, it, opts, budget, budget.ticket(), n) for it, n in zip(items, sizes)]
+            return raw_batch, items, sizes, futs
 
-        # Memory: decoded pixels held at once stay within one batch at the pixel limit
-        # (max_pixels x batch_size). Small images are decoded a batch ahead; a next batch that would
-        # take the two over that budget is decoded only after the current one is released.
-        budget = opts.max_pixels * opts.batch_size
         it_batches = iter(batches)
         nxt = next(it_batches, None)
         pending = submit(nxt) if nxt is not None else None
-        size = _pixels(pending[1], opts) if pending is not None else 0
         k = 0
         while pending is not None:
-            raw_batch, items, futs = pending
+            raw_batch, items, sizes, futs = pending
             nxt = next(it_batches, None)
-            later = None
-            if nxt is not None:
-                nxt_size = _pixels(nxt[1], opts)
-                if size + nxt_size <= budget:
-                    pending = submit(nxt)
-                else:
-                    pending, later = None, nxt
-                size = nxt_size
-            else:
-                pending = None
-            for fu in futs:
-                fu.result()
-            # 3-4. Models
-            run_models(items, engine, opts, refined=lambda chunk: encode_outputs(chunk, fmt, opts))
-            encode_outputs(items, fmt, opts)
+            pending = submit(nxt) if nxt is not None else None
+            # 3-4. Models, a chunk of the batch at a time: the whole batch unless its images are large
+            for chunk in pixel_chunks(sizes, budget.capacity):
+                held = sum(futs[i].result() for i in chunk)
+                part = [items[i] for i in chunk]
+                run_models(part, engine, opts, refined=lambda done: encode_outputs(done, fmt, opts))
+                encode_outputs(part, fmt, opts)
+                for it in part:
+                    it.image = None  # run_models released it already; never held past its chunk
+                budget.give(held)
             # 5. Output rows (and what the format keeps beside them)
             out = fmt.output_batch(task, raw_batch, items, schema, _score_columns(items, opts, opts.mode == "refine"), opts)
             writer.write(out)
@@ -396,8 +395,6 @@ def process_unit(task: ShardTask, in_schema: pa.Schema | None, batches, engine: 
                 if ok and item.route:
                     routes[item.route] += 1
             rows += len(items)
-            if later is not None:  # the next batch was too big to decode beside this one: now
-                pending = submit(later)
             _after_batch(k, opts)
             k += 1
             yield len(items)
@@ -418,6 +415,8 @@ def process_unit(task: ShardTask, in_schema: pa.Schema | None, batches, engine: 
             beside.abort()
         raise
     finally:
+        if budget is not None:
+            budget.close()  # decodings still waiting for room end now
         pool.shutdown(wait=True, cancel_futures=True)
         if prior is not None:
             prior.close()
