@@ -15,9 +15,11 @@
 
 Each mode prints ``growth / decoded``; the last line is ``ratio: <the worse mode>``. The goal
 (issue 15) is a peak within 1.5x of the images' decoded size plus the models, i.e. growth / decoded
-<= 1.5. PIL holds an RGB image at 4 bytes a pixel (RGBX), so one decoded batch alone is 1.33x its
-3-byte size: that is the floor of a job that holds its batch's images at once. ``--max-pixels
-67108864`` is the presets' limit (8 x 192 MB = 1.5 GB decoded; a few minutes a mode on 2 cores).
+<= 1.5. PIL holds RGB at 4 bytes a pixel, so a job holding the whole batch decoded would start at
+1.33x; the job's pixel budget (``pipelines/pixel_budget.py``) holds at most two images at the
+limit. The growth also counts the batch's encoded input bytes and encoded outputs. ``--max-pixels
+67108864`` is the presets' limit (8 x 192 MB = 1.5 GB decoded; a minute a mode for JPEGs on 2
+cores, a few for PNGs, whose outputs are PNG-encoded at 64 MP).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -33,7 +34,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
