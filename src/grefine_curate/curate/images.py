@@ -51,7 +51,8 @@ PNG_CHUNK_KEEP = 256 * 1024  # such chunks above this size (compressed) are drop
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB."""
+    """Convert any PIL mode to 8-bit RGB. The input is the decoder's own: a mode that needs several
+    steps closes it (frees its pixels) once read, so fewer full-size copies exist at once."""
     if getattr(img, "is_animated", False):
         img.seek(0)
     mode = img.mode
@@ -59,7 +60,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return img.copy() if img.readonly else img
     if mode.startswith("I;16"):
         # 16-bit grey: the full range scaled to 8 bits (rounded), in integers, a strip of rows at a time
-        src = np.asarray(img)  # (H, W) uint16
+        src = np.asarray(img)  # (H, W) uint16, a copy
+        img.close()
         grey = np.empty(src.shape, np.uint8)
         for top in range(0, src.shape[0], 256):
             strip = src[top:top + 256].astype(np.uint32)
@@ -72,11 +74,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode == "I":
         # 32-bit grey: scale the image's range to 8 bits instead of clipping at 255.
         arr = np.asarray(img, dtype=np.float64)
+        img.close()
         hi = max(float(arr.max()), 1.0)
         arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
     if mode == "F":
         arr = np.asarray(img, dtype=np.float64)
+        img.close()
         lo, hi = float(arr.min()), float(arr.max())
         arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
         return Image.fromarray((arr * 255 + 0.5).astype(np.uint8), "L").convert("RGB")
@@ -86,8 +90,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         # Alpha over white, pasted into the RGB result: one image beside the decoded one, not four
         rgba = img if mode == "RGBA" else img.convert("RGBA")
+        if rgba is not img:
+            img.close()
         out = Image.new("RGB", rgba.size, (255, 255, 255))
         out.paste(rgba, (0, 0), rgba)
+        rgba.close()
         return out
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
