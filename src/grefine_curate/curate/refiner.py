@@ -23,6 +23,10 @@ both sides rounded to multiples of 8 (Lanczos resize, up or down). The stage-1 p
 at that size; the final image is resized back to the original (W, H) with Lanczos. Stage 2 is
 global, so on route light/full every pixel passes through the model resolution: an image much
 larger than it comes back softer (refining at native size would need tiling, not done here).
+The maps may be a reduction of the image (``Preset.map_max_side``): masks are built at their size
+and resized to the processing size like full-size ones. A caller holding many large images may pass
+``refine_input(image)`` (the processing-size reduction) with ``output_size`` = the original's (W, H)
+and drop the original: the result is the same; skip and reverted then return the reduced image.
 
 Batches: items are grouped by processed size and stage-1 ``num_inference_steps`` (stage 2 by size)
 and each group runs as one pipeline call with per-item prompts and per-item ``torch.Generator``s.

@@ -207,8 +207,10 @@ def encode_outputs(items: list[Item], fmt, opts: ProcessOptions) -> None:
         try:
             if it.refined is not None:
                 enc = fmt.encoding(it, opts)
-                refined, it.refined = it.refined, None
-                it.encoded = encode_image(refined if refined.mode == "RGB" or enc != "JPEG" else refined.convert("RGB"), enc)
+                refined, it.refined = it.refined, None  # released once encoded
+                if enc == "JPEG" and refined.mode != "RGB":
+                    refined = refined.convert("RGB")
+                it.encoded = encode_image(refined, enc)
                 it.encoded_format = enc
                 del refined
             if opts.save_maps and it.needs_pixels and it.pq_png is None:  # else the audit's maps are there
