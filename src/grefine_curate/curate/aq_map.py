@@ -251,8 +251,9 @@ class AQMap:
     ) -> list[AQResult | None]:
         """AQ results from precomputed surgery tokens (B, 1+HW, D) after ln_post and projection.
 
-        ``sizes``: (H, W) of each image's map (the image's size, or ``map_size``'s reduction of it). ``prompts``: text,
-        an already parsed prompt, or None; the result is None where the prompt is null or blank.
+        ``sizes``: (H, W) of each image's map (the image's size, or ``map_size``'s reduction of it).
+        ``prompts``: text, an already parsed prompt, or None; the result is None where the prompt is
+        null or blank.
         """
         # 1. Check inputs
         if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3:

@@ -20,8 +20,9 @@ softmax over the pair, so ``s = sigmoid(logit_scale * L_raw)`` is the probabilit
   - ``"overall-similarity"``: the patch tokens' raw similarity to the overall factor's "good" prompt
     alone, as the reference code's PQ-Map.py computes its map.
   Then min-max per image over the patch grid, resized to the image's own (H, W) (rows of the grid =
-  rows of the image), or to its reduction to ``map_max_side`` on the long side (``surgery.map_size``). High = good. A flat map (no spatial evidence) becomes the constant p instead
-  of min-max's division by ~0 (``surgery.tokens_to_maps``).
+  rows of the image), or to its reduction to ``map_max_side`` on the long side (``surgery.map_size``).
+  High = good. A flat map (no spatial evidence) becomes the constant p instead of min-max's division
+  by ~0 (``surgery.tokens_to_maps``).
 
 Where the authors' reference code differs (REFERENCE.md section 1) the paper's or the correct
 behaviour is the default and the reference one is selectable in ``PQConfig`` (the ``reference``

@@ -42,7 +42,8 @@ class Engine(Protocol):
 
     ``refine_input(image) -> image`` is optional: the image refinement starts from (the refiner's
     processing size), so the processor can drop a large original before the refined outputs of its
-    batch are made. An engine without it gets the full-size images (``RefineRequest.size`` None).
+    batch are made. An engine without it gets the full-size images (``RefineRequest.size`` is then
+    the image's own size).
     """
 
     def score(self, images: list[Image.Image], prompts: list[str | None]) -> list[ScoreResult]: ...
