@@ -182,6 +182,27 @@ def test_a_duplicate_key_is_an_error_row_whatever_the_unit_size(tmp_path, mode):
     assert sides["split"] == sides["whole"]
 
 
+@pytest.mark.parametrize("mode", ["refine", "score"])
+def test_a_duplicate_keys_row_shows_its_own_sample_not_the_first(tmp_path, mode):
+    """The report and export read a row's original from the input tar by position (row i is sample i,
+    as the job read it), not by key: the repeated k0 (sample 4) shows sample 4's image."""
+    import pyarrow as pa
+
+    from grefine_curate.pipelines.formats import get_format
+    from grefine_curate.pipelines.formats.base import OutputView
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "d.tar").write_bytes(_tar_bytes(DUP_KEYS))
+    s = run_job(_cfg(tmp_path / "in", tmp_path / "out", mode=mode, max_error_rate=1.0))
+    assert s.exit_code == 0, s.lines()
+    view = OutputView(rel="d.tar", path=str(tmp_path / "out" / "d.parquet"), input=str(tmp_path / "in" / "d.tar"),
+                      format="webdataset", out_fs=pafs.LocalFileSystem(), out_root=str(tmp_path / "out"), mode=mode)
+    got = get_format("webdataset").images(view, pa.table({C.KEY: DUP_KEYS}), list(range(6)), final=False)
+    assert [data for data, _ in got] == [jpeg(i) for i in range(6)]
+    assert got[4][1] == "k0.jpg"
+    assert get_format("webdataset").images(view, pa.table({C.KEY: ["k5", "k0"]}), [5, 4], final=False)[1][0] == jpeg(4)
+
+
 def test_a_bad_header_after_a_pax_header_is_skipped_too(tmp_path):
     """Long names get a pax extended header first; a corrupt header right after one must not end the
     read (tarfile alone stops there: 'missing or bad subsequent header')."""

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from grefine_curate.curate.errors import InputError
 from grefine_curate.pipelines import columns as C
 from grefine_curate.pipelines.commit import try_delete
 from grefine_curate.pipelines.formats.base import EXTENSION_FORMATS, Discovery, Format, OutputView, SinkBeside, stem
@@ -225,14 +226,31 @@ class WebDatasetFormat(Format):
 
     def images(self, view: OutputView, rows: pa.Table, indices: list[int], final: bool):
         keys = [str(k) for k in rows.column(C.KEY).to_pylist()]
-        if final and view.mode == "refine":
-            fs, path = view.out_fs, join(view.out_root, view.rel)
-        elif view.input:
-            fs, path = resolve_fs(view.input)
-        else:
+        if final and view.mode == "refine":  # the output tar holds each key once (a repeat is left out)
+            found = tar_images(view.out_fs, join(view.out_root, view.rel), set(keys))
+            return [found.get(k, (None, None)) for k in keys]
+        if not view.input:
             return [(None, None)] * len(keys)
-        found = tar_images(fs, path, set(keys))
-        return [found.get(k, (None, None)) for k in keys]
+        # the input by position (row i is sample i): a repeated key's row shows its own sample
+        fs, path = resolve_fs(view.input)
+        at = tar_images_at(fs, path, set(indices))
+        return [at.get(i, (None, None)) for i in indices]
+
+
+def tar_images_at(fs: pafs.FileSystem, path: str, positions: set[int]) -> dict[int, tuple[bytes, str]]:
+    """{sample position: (image bytes, member name)}, read as the job reads the tar (``iter_samples``,
+    so positions are its rows), streaming it once up to the last position wanted."""
+    out: dict[int, tuple[bytes, str]] = {}
+    if not positions:
+        return out
+    try:
+        for sample in iter_samples(fs, path, stop=max(positions) + 1):
+            image = sample.image
+            if sample.index in positions and image is not None and image.data is not None:
+                out[sample.index] = (image.data, posixpath.basename(image.info.name))
+    except (OSError, tarfile.TarError, EOFError, InputError):
+        pass  # what was found stays; the rest is "not available"
+    return out
 
 
 def tar_images(fs: pafs.FileSystem, path: str, keys: set[str]) -> dict[str, tuple[bytes, str]]:
