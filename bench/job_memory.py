@@ -16,8 +16,8 @@
 Each mode prints ``growth / decoded``; the last line is ``ratio: <the worse mode>``. The goal
 (issue 15) is a peak within 1.5x of the images' decoded size plus the models, i.e. growth / decoded
 <= 1.5. PIL holds RGB at 4 bytes a pixel, so a job holding the whole batch decoded would start at
-1.33x; the job's pixel budget (``pipelines/pixel_budget.py``) holds at most two images at the
-limit. The growth also counts the batch's encoded input bytes and encoded outputs. ``--max-pixels
+1.33x; the job's pixel budget (``pipelines/pixel_budget.py``) holds two images at the limit
+(at batch sizes up to 64, where two batches of 1024x1024 images are smaller than that). The growth also counts the batch's encoded input bytes and encoded outputs. ``--max-pixels
 67108864`` is the presets' limit (8 x 192 MB = 1.5 GB decoded; a minute a mode for JPEGs on 2
 cores, a few for PNGs, whose outputs are PNG-encoded at 64 MP).
 """

@@ -207,7 +207,7 @@ class _Watching(FakeEngine):
 
 @pytest.mark.parametrize("side,ahead", [(40, True), (70, False)])
 def test_decoded_pixels_stay_within_one_batch_at_the_pixel_limit(side, ahead):
-    """Issue 15: a batch is decoded ahead of the model only while both fit max_pixels x batch_size."""
+    """Issue 15: a batch is decoded ahead of the model only while both fit the unit's pixel budget."""
     from fsspec.implementations.memory import MemoryFileSystem
 
     fs = pafs.PyFileSystem(pafs.FSSpecHandler(MemoryFileSystem()))
@@ -215,7 +215,8 @@ def test_decoded_pixels_stay_within_one_batch_at_the_pixel_limit(side, ahead):
     items = [Item(item_id=f"x{i}.png", prompt="a red car", raw=encode(rgb(i, (side, side))), source=f"x{i}.png")
              for i in range(3)]
     engine = _Watching(items, wait_s=2.0 if ahead else 0.3)
-    opts = ProcessOptions(mode="score", batch_size=1, max_pixels=80 * 80)  # 40x40 twice fits; 70x70 once only
+    # a budget of 80x80 pixels (the default's floor is two batches of 1024x1024: tests would need MP images)
+    opts = ProcessOptions(mode="score", batch_size=1, pixel_budget=80 * 80)  # 40x40 twice fits; 70x70 once only
     events = list(process_unit(ShardTask(shard=shard, out_fs=fs, out_root="/o"), None,
                                iter([(None, [it]) for it in items]), engine, opts))
     assert engine.next_decoded == [ahead, ahead]
@@ -247,7 +248,9 @@ def test_a_batch_at_the_pixel_limit_is_scored_in_chunks_of_the_pixel_budget(mode
     items.insert(2, Item(item_id="big.png", prompt="a red car", raw=encode(rgb(9, (90, 90))), source="big.png"))
     items.insert(4, Item(item_id="bad.png", prompt="a red car", raw=b"not an image", source="bad.png"))
     engine = _Counting(items)
-    opts = ProcessOptions(mode=mode, batch_size=7, max_pixels=70 * 70)
+    # the budget of this limit with large images (budget_pixels' second term; its first, two batches of
+    # 1024x1024, would need megapixel test images)
+    opts = ProcessOptions(mode=mode, batch_size=7, max_pixels=70 * 70, pixel_budget=2 * 70 * 70)
     events = list(process_unit(ShardTask(shard=shard, out_fs=fs, out_root="/o"), None, iter([(None, items)]),
                                engine, opts))
     assert events[-1].rows == 7 and events[-1].status == {"ok": 5, "error": 2}

@@ -66,6 +66,10 @@ def test_chunks_and_budget_size():
     assert pixel_chunks([1, 1, 1], 8) == [[0, 1, 2]]
     assert pixel_chunks([20, 1, 0, 30], 8) == [[0], [1, 2], [3]]
     assert pixel_chunks([], 8) == []
-    assert budget_pixels(100, 8) == 200 and budget_pixels(100, 1) == 100
+    mp64, mp1 = 8192 * 8192, 1024 * 1024
+    assert budget_pixels(mp64, 8) == 2 * mp64  # two images at the limit
+    assert budget_pixels(mp64, 1) == mp64  # batch size 1: one image at the limit
+    assert budget_pixels(mp64, 256) == 2 * 256 * mp1  # two big batches of usual images are never split
+    assert budget_pixels(100, 8) == 2 * 8 * 100  # a limit below the usual size: two batches at the limit
     with pytest.raises(ValueError, match="at least 1 pixel"):
         PixelBudget(0)

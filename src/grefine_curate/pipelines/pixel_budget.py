@@ -18,11 +18,18 @@ import threading
 from typing import Sequence
 
 
+# Images up to this size are the usual case (AIGI outputs are mostly 1024 x 1024 or smaller; maps
+# and refinement work at this size): two batches of them always fit the budget, so such batches are
+# never split and always decode ahead of the models, whatever the batch size.
+WORKING_PIXELS = 1024 * 1024
+
+
 def budget_pixels(max_pixels: int, batch_size: int) -> int:
-    """The budget of a unit: two images at the pixel limit (one in the models, one decoding ahead),
-    one with a batch size of 1. A batch of smaller images decodes ahead of the models as long as
-    the two batches fit."""
-    return max_pixels * min(max(batch_size, 1), 2)
+    """The budget of a unit: two batches of images up to ``WORKING_PIXELS`` (or up to the pixel limit
+    when that is lower), and at least two images at the pixel limit (one in the models, one decoding
+    ahead; one with a batch size of 1). Larger images are bounded by the second term, not the first."""
+    b = max(batch_size, 1)
+    return max(max_pixels * min(b, 2), 2 * b * min(WORKING_PIXELS, max_pixels))
 
 
 class PixelBudget:

@@ -6,8 +6,8 @@ This is the step both executors run (in-process, or inside a Ray actor). Per bat
     1. read raw rows in input order: the shard's format reads them (formats/: ``read``), or any
        iterator of (raw batch, items) handed to ``process_unit`` (an in-memory reader in tests)
     2. decode images on a CPU thread pool ahead of the model (decode k+1 while the model runs batch k)
-       within the unit's pixel budget (pixel_budget.py: two images at the pixel limit); a batch of
-       large images goes to the models in chunks that fit it
+       within the unit's pixel budget (pixel_budget.py: two batches of usual-size images, at most two
+       images at the pixel limit); a batch of large images goes to the models in chunks that fit it
     3. score: PQ-Map p, P and AQ-Map a, A (paper sec. 3.1-3.2); a null or empty prompt gives PQ only
     4. refine mode: route by (p, a) and run the balanced refiner (paper sec. 3.3) on light/full items
     5. append the rows to the output, written under a temporary name, laid out by the format (a
@@ -359,7 +359,7 @@ def process_unit(task: ShardTask, in_schema: pa.Schema | None, batches, engine: 
         # 2. Decode ahead of the model, within the unit's pixel budget (pixel_budget.py): each item
         #    takes its header's pixels before it is decoded and gives them back once its full-size
         #    image is dropped, so small images decode a batch ahead and large ones wait for room.
-        budget = PixelBudget(budget_pixels(opts.max_pixels, opts.batch_size))
+        budget = PixelBudget(opts.pixel_budget or budget_pixels(opts.max_pixels, opts.batch_size))
 
         def submit(entry):
             raw_batch, items = entry

@@ -88,6 +88,7 @@ class ProcessOptions:
     input_columns: bool = True  # score mode, table input: keep the input's other columns (joins, licences)
     image_format: str = "PNG"  # encoding of refined images in Parquet outputs ("PNG" | "JPEG" | "WEBP")
     max_pixels: int = 8192 * 8192  # images above this are error rows, refused before decoding
+    pixel_budget: int | None = None  # decoded full-size pixels a unit holds at once (None: pixel_budget.budget_pixels)
     draft_size: int | None = None  # score mode: JPEGs decoded DCT-scaled to at least this side (faster)
     decode_threads: int = 2  # CPU threads decoding images beside the model
     seed: int = 0  # global seed; an item's seed = item_seed(seed, item id)
