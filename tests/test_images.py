@@ -270,3 +270,18 @@ def test_png_with_a_large_profile_is_not_read_twice(monkeypatch):
     assert seen == []  # dropped from the chunk headers before PIL reads (and refuses) the profile
     assert decode_image(_encode(_rgb(), "PNG", icc_profile=b"\0" * 1000), name="x").size == (40, 30)
     assert len(seen) == 1  # a small profile is read as usual
+
+
+def test_pixel_counts_are_what_decode_image_holds():
+    """The job's pixel budget counts from headers what decoding will hold (a drafted JPEG: reduced)."""
+    from grefine_curate.curate.images import pixel_counts
+
+    rgb = np.zeros((120, 300, 3), np.uint8)
+    for fmt in ("JPEG", "PNG"):
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, fmt)
+        data = buf.getvalue()
+        for draft in (None, (32, 32)):
+            w, h = decode_image(data, draft_size=draft).size
+            assert pixel_counts(data, draft) == (300 * 120, w * h)
+    assert pixel_counts(data, (32, 32))[1] == 300 * 120  # a PNG has no draft mode

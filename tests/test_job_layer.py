@@ -259,6 +259,23 @@ def test_a_batch_at_the_pixel_limit_is_scored_in_chunks_of_the_pixel_budget(mode
     assert max(engine.decoded) <= 2
 
 
+def test_jpegs_drafted_for_scoring_count_their_reduced_pixels():
+    """Score mode decodes JPEGs DCT-scaled: the budget counts what they hold once decoded, so a batch
+    of large JPEGs is not split for pixels it never holds."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fs = pafs.PyFileSystem(pafs.FSSpecHandler(MemoryFileSystem()))
+    shard = Shard(format="imagefolder", fs=fs, path="/in", rel="out/m-00000.parquet", num_rows=4, source_key="k")
+    items = [Item(item_id=f"x{i}.jpg", prompt="a red car", raw=encode(rgb(i, (80, 80)), "JPEG"), source=f"x{i}.jpg")
+             for i in range(4)]
+    engine = _Counting(items)
+    opts = ProcessOptions(mode="score", batch_size=4, max_pixels=80 * 80, pixel_budget=2 * 80 * 80, draft_size=16)
+    events = list(process_unit(ShardTask(shard=shard, out_fs=fs, out_root="/o"), None, iter([(None, items)]),
+                               engine, opts))
+    assert events[-1].status == {"ok": 4}
+    assert engine.batches == [4]  # 4 x 20x20 drafted, not 4 x 80x80
+
+
 class _Reducing(FakeEngine):
     """Refines from a reduced image (``refine_input``) and records, at each refine call, the chunk,
     how many of the batch's full-size originals are still held, and whether the items refined

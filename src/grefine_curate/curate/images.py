@@ -220,6 +220,16 @@ def image_size_from_header(data: bytes, name: str = "<bytes>") -> tuple[int, int
         raise ImageError(f"{name}: not a readable image ({_reason(e)}; {looks_like(data)})") from e
 
 
+def pixel_counts(data: bytes, draft_size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(pixels in the file, pixels ``decode_image(data, draft_size=...)`` will hold), from the header
+    only: a JPEG decoded DCT-scaled for scoring holds far fewer than its full size."""
+    with _open(data) as img:
+        full = img.width * img.height
+        if draft_size is not None and img.format == "JPEG":
+            img.draft("RGB", draft_size[::-1] if _orientation(img) in _SWAPS_AXES else draft_size)
+        return full, img.width * img.height
+
+
 def decode_image(
     data: bytes | bytearray | memoryview | None,
     name: str = "<bytes>",

@@ -284,17 +284,19 @@ def output_schema(task: ShardTask, input_schema: pa.Schema | None, opts: Process
 
 
 def _header_pixels(item: Item, opts: ProcessOptions) -> int:
-    """Pixels the item will hold once decoded, from its header; 0 when it will not be decoded (no
-    pixels needed, over the limit, or a header that cannot be read: the decoder says why)."""
-    from grefine_curate.curate.images import image_size_from_header
+    """Pixels the item will hold once decoded, from its header (a JPEG drafted for scoring: its reduced
+    size); 0 when it will not be decoded (no pixels needed, over the limit, or a header that cannot
+    be read: the decoder says why)."""
+    from grefine_curate.curate.images import pixel_counts
 
     if item.raw is None or not item.needs_pixels or item.source_error is not None:
         return 0
+    draft = (opts.draft_size, opts.draft_size) if opts.draft_size else None
     try:
-        w, h = image_size_from_header(item.raw)
+        full, decoded = pixel_counts(item.raw, draft)
     except Exception:  # noqa: BLE001 - the decoder says why, item by item
         return 0
-    return w * h if w * h <= opts.max_pixels else 0  # over the limit: refused from its header
+    return decoded if full <= opts.max_pixels else 0  # over the limit: refused from its header
 
 
 def _decode_within(item: Item, opts: ProcessOptions, budget: PixelBudget, ticket: int, pixels: int) -> int:
