@@ -1,15 +1,15 @@
 """How many full-size decoded pixels a work unit holds at once (issue 15, memory).
 
-Decoding runs on a thread pool ahead of the models. Each item takes its pixels (from its header)
-from a ``PixelBudget`` before it is decoded and gives them back once the processor has dropped its
+Decoding runs on a thread pool ahead of the models. Each item takes the pixels it will hold (from
+its header) from a ``PixelBudget`` before it is decoded and gives them back once the processor has dropped its
 full-size image (after scoring; a refined item after its reduction to the refiner's input). Items
 take their pixels in input order (a ticket each), so a later item never holds pixels an earlier
 one waits for: the processor, which waits for items in input order, cannot deadlock. An item
 larger than the whole budget is decoded alone.
 
-The processor scores in chunks that fit the budget (``pixel_chunks``): a batch of small images is
-one chunk, as before; images at the pixel limit are scored a chunk at a time, so the full-size
-images held at once stay within the budget whatever the batch size.
+The processor scores in chunks that fit the budget (``pixel_chunks``): a batch of usual-size images
+is one chunk, as before; images near the pixel limit are scored a chunk at a time, so the full-size
+images held at once stay within the budget.
 """
 
 from __future__ import annotations
