@@ -276,6 +276,23 @@ def test_jpegs_drafted_for_scoring_count_their_reduced_pixels():
     assert engine.batches == [4]  # 4 x 20x20 drafted, not 4 x 80x80
 
 
+def test_max_pixels_0_still_means_no_limit():
+    """ProcessOptions(max_pixels=0) is no limit, as decode_image reads it: the unit runs, nothing refused."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fs = pafs.PyFileSystem(pafs.FSSpecHandler(MemoryFileSystem()))
+    shard = Shard(format="imagefolder", fs=fs, path="/in", rel="out/m-00000.parquet", num_rows=3, source_key="k")
+    items = [Item(item_id=f"x{i}.png", prompt="a red car", raw=encode(rgb(i, (60, 60))), source=f"x{i}.png")
+             for i in range(3)]
+    engine = FakeEngine()
+    for mode in ("score", "refine"):
+        events = list(process_unit(ShardTask(shard=shard, out_fs=fs, out_root=f"/o-{mode}"), None,
+                                   iter([(None, [Item(**vars(it)) for it in items])]), engine,
+                                   ProcessOptions(mode=mode, batch_size=3, max_pixels=0)))
+        assert events[-1].status == {"ok": 3}, mode
+    assert engine.batches == [3, 3]
+
+
 class _Reducing(FakeEngine):
     """Refines from a reduced image (``refine_input``) and records, at each refine call, the chunk,
     how many of the batch's full-size originals are still held, and whether the items refined

@@ -71,5 +71,6 @@ def test_chunks_and_budget_size():
     assert budget_pixels(mp64, 1) == mp64  # batch size 1: one image at the limit
     assert budget_pixels(mp64, 256) == 2 * 256 * mp1  # two big batches of usual images are never split
     assert budget_pixels(100, 8) == 2 * 8 * 100  # a limit below the usual size: two batches at the limit
+    assert budget_pixels(0, 8) == 2 * 8 * mp1  # 0: no limit (decode_image's reading), usual batches
     with pytest.raises(ValueError, match="at least 1 pixel"):
         PixelBudget(0)

@@ -27,8 +27,11 @@ WORKING_PIXELS = 1024 * 1024
 def budget_pixels(max_pixels: int, batch_size: int) -> int:
     """The budget of a unit: two batches of images up to ``WORKING_PIXELS`` (or up to the pixel limit
     when that is lower), and at least two images at the pixel limit (one in the models, one decoding
-    ahead; one with a batch size of 1). Larger images are bounded by the second term, not the first."""
+    ahead; one with a batch size of 1). Larger images are bounded by the second term, not the first.
+    ``max_pixels`` 0 means no limit (as ``decode_image`` reads it): two batches of usual images."""
     b = max(batch_size, 1)
+    if max_pixels <= 0:
+        return 2 * b * WORKING_PIXELS
     return max(max_pixels * min(b, 2), 2 * b * min(WORKING_PIXELS, max_pixels))
 
 

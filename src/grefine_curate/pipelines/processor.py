@@ -184,7 +184,9 @@ def run_models(items: list[Item], engine: Engine, opts: ProcessOptions, refined=
     def set_refined(it: Item, r: RefineResponse) -> None:
         it.refined, it.route, it.p_after, it.a_after = r.image, r.route, r.p_after, r.a_after
 
-    for chunk in refine_chunks(todo, opts.max_pixels):
+    # full-size outputs of one image at the limit per call (no limit, 0: the unit's budget)
+    out_pixels = opts.max_pixels if opts.max_pixels > 0 else budget_pixels(0, opts.batch_size)
+    for chunk in refine_chunks(todo, out_pixels):
         _run_isolated(
             set_refined, chunk, "refinement",
             lambda b: engine.refine([RefineRequest(i.image, i.prompt, i.score, i.route, i.seed, i.item_id, i.size)
@@ -296,7 +298,7 @@ def _header_pixels(item: Item, opts: ProcessOptions) -> int:
         full, decoded = pixel_counts(item.raw, draft)
     except Exception:  # noqa: BLE001 - the decoder says why, item by item
         return 0
-    return decoded if full <= opts.max_pixels else 0  # over the limit: refused from its header
+    return 0 if opts.max_pixels and full > opts.max_pixels else decoded  # over the limit: refused from its header
 
 
 def _decode_within(item: Item, opts: ProcessOptions, budget: PixelBudget, ticket: int, pixels: int) -> int:
